@@ -1,0 +1,319 @@
+"""Preference data for SimPO: torchtune's ``PreferenceDataset`` plus princeton-style truncation,
+row validation and a collate that keeps the source row ids.
+
+Config use (same sources and ``column_map`` as ``torchtune.datasets.preference_dataset``)::
+
+    dataset:
+      _component_: prefopt.data.preference_dataset
+      source: json
+      data_files: my_pairs.jsonl
+      split: train
+      max_seq_len: 2048
+      max_prompt_len: 1800
+"""
+
+import logging
+from collections import Counter
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, ChosenRejectedToMessages
+from torchtune.datasets import PreferenceDataset as _TorchtunePreferenceDataset
+from torchtune.modules.transforms.tokenizers import ModelTokenizer
+
+__all__ = [
+    "PreferenceDataset",
+    "preference_dataset",
+    "padded_collate_preference",
+    "truncate_pair",
+]
+
+log = logging.getLogger(__name__)
+
+_ROLES = ("system", "user", "assistant", "ipython", "tool")
+_PROMPT_TRUNCATION = ("keep_end", "keep_start")
+_ON_BAD = ("drop", "error")
+
+
+class BadExample(ValueError):
+    """A row that cannot become a training pair; the message names the source, row and field."""
+
+
+def truncate_pair(
+    prompt: List[int],
+    chosen: List[int],
+    rejected: List[int],
+    *,
+    max_seq_len: Optional[int],
+    max_prompt_len: Optional[int],
+    prompt_truncation: str = "keep_end",
+    bos_id: Optional[int] = None,
+) -> Tuple[List[int], int, int]:
+    """princeton-nlp/SimPO's truncation rule on token ids (pure function).
+
+    If prompt + the longer response exceed ``max_seq_len``, the prompt is cut to
+    ``max_prompt_len`` tokens (its end is kept by default; a leading ``bos_id`` is always kept);
+    if they still exceed it, both responses are cut to ``max_seq_len - len(prompt)`` tokens
+    (their starts are kept).
+
+    Args:
+        prompt, chosen, rejected (List[int]): token ids (responses without the prompt).
+        max_seq_len (Optional[int]): limit on prompt + response; None for no limit.
+        max_prompt_len (Optional[int]): limit on the prompt when truncating; None keeps it whole.
+        prompt_truncation (str): ``"keep_end"`` (princeton's default) or ``"keep_start"``.
+        bos_id (Optional[int]): a leading token that ``keep_end`` must not drop.
+
+    Returns:
+        Tuple[List[int], int, int]: the truncated prompt and how many tokens of the chosen and
+        rejected responses to keep (0 means the response cannot be kept).
+    """
+    if max_seq_len is None:
+        return prompt, len(chosen), len(rejected)
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_seq_len and max_prompt_len is not None and len(prompt) > max_prompt_len:
+        if prompt_truncation == "keep_start":
+            prompt = prompt[:max_prompt_len]
+        elif bos_id is not None and prompt and prompt[0] == bos_id:
+            prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_len - 1) :]
+        else:
+            prompt = prompt[len(prompt) - max_prompt_len :]
+    room = max(max_seq_len - len(prompt), 0)
+    return prompt, min(len(chosen), room), min(len(rejected), room)
+
+
+class PreferenceDataset(_TorchtunePreferenceDataset):
+    """torchtune's ``PreferenceDataset`` (same loading, message transform and tokenization),
+    tokenized eagerly so that every row is checked once at start-up: rows that cannot become a
+    pair with at least one response token on each side are dropped and counted in one log line,
+    or raise (``on_bad_example="error"``) with the source, row index and field in the message.
+
+    Why our own class: torchtune tokenizes lazily and truncates only at the end of the sequence
+    (cutting responses to nothing and leaving rows that give NaN average log-probs later); SimPO
+    needs princeton's prompt-first truncation and a guarantee that every kept row is scorable.
+
+    Args: see :func:`preference_dataset`.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        tokenizer: ModelTokenizer,
+        column_map: Optional[Dict[str, str]] = None,
+        train_on_input: bool = False,
+        new_system_prompt: Optional[str] = None,
+        filter_fn: Optional[Callable] = None,
+        max_seq_len: Optional[int] = None,
+        max_prompt_len: Optional[int] = None,
+        prompt_truncation: str = "keep_end",
+        on_bad_example: str = "drop",
+        split: str = "train",
+        **load_dataset_kwargs: Any,
+    ) -> None:
+        if prompt_truncation not in _PROMPT_TRUNCATION:
+            raise ValueError(f"prompt_truncation must be one of {_PROMPT_TRUNCATION}, got {prompt_truncation!r}")
+        if on_bad_example not in _ON_BAD:
+            raise ValueError(f"on_bad_example must be one of {_ON_BAD}, got {on_bad_example!r}")
+        if max_seq_len is not None and max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        if max_prompt_len is not None and max_seq_len is not None and max_prompt_len >= max_seq_len:
+            raise ValueError(
+                f"max_prompt_len ({max_prompt_len}) must be smaller than max_seq_len ({max_seq_len}) "
+                "to leave room for the responses"
+            )
+        if train_on_input:
+            raise ValueError(
+                "train_on_input=True would score the prompt as part of each response; SimPO's "
+                "reward is the response's average log-prob, so it must be False"
+            )
+        self._column_map = column_map or {"chosen": "chosen", "rejected": "rejected"}
+        super().__init__(
+            source=source,
+            message_transform=ChosenRejectedToMessages(
+                train_on_input=False, column_map=column_map, new_system_prompt=new_system_prompt
+            ),
+            tokenizer=tokenizer,
+            filter_fn=filter_fn,
+            split=split,
+            **load_dataset_kwargs,
+        )
+        files = load_dataset_kwargs.get("data_files")
+        self.source_name = f"{source}:{files}" if files else f"{source}[{split}]"
+        self.max_seq_len = max_seq_len
+        self.max_prompt_len = max_prompt_len
+        self.prompt_truncation = prompt_truncation
+        self.dropped: Counter = Counter()
+        self._examples: List[Dict[str, Any]] = []
+        for row in range(len(self._data)):
+            try:
+                self._examples.append(self._build(row, self._data[row]))
+            except BadExample as e:
+                if on_bad_example == "error":
+                    raise
+                self.dropped[e.args[1]] += 1
+        if self.dropped:
+            log.warning(
+                "%s: dropped %d of %d rows (%s); set on_bad_example=error to stop at the first one",
+                self.source_name,
+                sum(self.dropped.values()),
+                len(self._data),
+                ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())),
+            )
+        if not self._examples:
+            raise ValueError(f"{self.source_name}: no usable preference pairs (dropped: {dict(self.dropped)})")
+
+    def _bad(self, row: int, field: str, what: str, reason: str) -> BadExample:
+        return BadExample(f"{self.source_name}: row {row}, field {field!r}: {what}", reason)
+
+    def _check_messages(self, row: int, sample: Mapping[str, Any], key: str) -> None:
+        col = self._column_map[key]
+        if col not in sample or sample[col] is None:
+            raise self._bad(row, col, "missing", "missing field")
+        msgs = sample[col]
+        if not isinstance(msgs, (list, tuple)) or not msgs:
+            raise self._bad(row, col, f"expected a non-empty list of messages, got {type(msgs).__name__}", "wrong type")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, Mapping) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
+                raise self._bad(
+                    row, col, f"message {i} must be {{'role': one of {_ROLES}, 'content': str}}, got {m!r:.120}", "wrong type"
+                )
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            raise self._bad(row, col, "has no non-empty assistant message", "empty response")
+
+    def _build(self, row: int, sample: Mapping[str, Any]) -> Dict[str, Any]:
+        self._check_messages(row, sample, "chosen")
+        self._check_messages(row, sample, "rejected")
+        tok = self._prepare_sample(dict(sample))
+        parts = {}
+        for key in ("chosen", "rejected"):
+            ids, labels = tok[f"{key}_input_ids"], tok[f"{key}_labels"]
+            p = next((i for i, l in enumerate(labels) if l != CROSS_ENTROPY_IGNORE_IDX), len(labels))
+            parts[key] = (ids[:p], ids[p:], labels[p:])
+        prompt = parts["chosen"][0]
+        if prompt != parts["rejected"][0]:
+            raise self._bad(
+                row, self._column_map["rejected"], "its prompt (the messages before the first response) differs from the chosen one", "different prompts"
+            )
+        prompt, n_c, n_r = truncate_pair(
+            prompt,
+            parts["chosen"][1],
+            parts["rejected"][1],
+            max_seq_len=self.max_seq_len,
+            max_prompt_len=self.max_prompt_len,
+            prompt_truncation=self.prompt_truncation,
+            bos_id=getattr(self._tokenizer, "bos_id", None),
+        )
+        out: Dict[str, Any] = {"row": row}
+        for key, n in (("chosen", n_c), ("rejected", n_r)):
+            _, resp_ids, resp_labels = parts[key]
+            resp_ids, resp_labels = list(resp_ids[:n]), list(resp_labels[:n])
+            if not any(l != CROSS_ENTROPY_IGNORE_IDX for l in resp_labels):
+                raise self._bad(
+                    row, self._column_map[key],
+                    f"no response token left after truncation to max_seq_len={self.max_seq_len} "
+                    f"(prompt is {len(prompt)} tokens; set max_prompt_len)",
+                    "empty after truncation",
+                )
+            out[f"{key}_input_ids"] = list(prompt) + resp_ids
+            out[f"{key}_labels"] = [CROSS_ENTROPY_IGNORE_IDX] * len(prompt) + resp_labels
+        return out
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        return self._examples[index]
+
+
+def preference_dataset(
+    tokenizer: ModelTokenizer,
+    *,
+    source: str,
+    column_map: Optional[Dict[str, str]] = None,
+    train_on_input: bool = False,
+    new_system_prompt: Optional[str] = None,
+    filter_fn: Optional[Callable] = None,
+    split: str = "train",
+    max_seq_len: Optional[int] = None,
+    max_prompt_len: Optional[int] = None,
+    prompt_truncation: str = "keep_end",
+    on_bad_example: str = "drop",
+    **load_dataset_kwargs: Any,
+) -> PreferenceDataset:
+    """Builder with ``torchtune.datasets.preference_dataset``'s arguments plus truncation.
+
+    Args:
+        tokenizer (ModelTokenizer): the model's tokenizer (adds BOS/EOS and the chat template).
+            Leave its own ``max_seq_len`` unset (or larger): it cuts the end of the sequence
+            before this builder's prompt-first truncation can act.
+        source (str): hub name, or ``json``/``csv``/``parquet``/... with ``data_files``.
+        column_map (Optional[Dict[str, str]]): ``{"chosen": col, "rejected": col}``; each column
+            holds a list of ``{"role", "content"}`` messages sharing the same prompt.
+        train_on_input (bool): must be False (kept for torchtune signature compatibility).
+        new_system_prompt (Optional[str]): replaces any system message.
+        filter_fn (Optional[Callable]): ``datasets`` filter applied before anything else (row
+            indices in messages are counted after it).
+        split (str): dataset split, e.g. ``"train"`` or ``"train[:95%]"``.
+        max_seq_len (Optional[int]): limit on prompt + response tokens (princeton's ``max_length``).
+        max_prompt_len (Optional[int]): prompt limit applied when the pair is too long
+            (princeton's ``max_prompt_length``).
+        prompt_truncation (str): ``"keep_end"`` (default, princeton) or ``"keep_start"``.
+        on_bad_example (str): ``"drop"`` (count and log) or ``"error"`` (raise at the first one).
+        **load_dataset_kwargs: passed to ``datasets.load_dataset`` (``data_files``, ...).
+
+    Returns:
+        PreferenceDataset: items are dicts with ``chosen_input_ids``, ``chosen_labels``,
+        ``rejected_input_ids``, ``rejected_labels`` (lists of ints) and ``row`` (source row).
+
+    Raises:
+        ValueError: on bad arguments, if no row is usable, or (``on_bad_example="error"``) on the
+            first bad row, naming source, row and field.
+    """
+    return PreferenceDataset(
+        source=source,
+        tokenizer=tokenizer,
+        column_map=column_map,
+        train_on_input=train_on_input,
+        new_system_prompt=new_system_prompt,
+        filter_fn=filter_fn,
+        max_seq_len=max_seq_len,
+        max_prompt_len=max_prompt_len,
+        prompt_truncation=prompt_truncation,
+        on_bad_example=on_bad_example,
+        split=split,
+        **load_dataset_kwargs,
+    )
+
+
+def padded_collate_preference(
+    batch: Sequence[Mapping[str, Any]],
+    padding_idx: int = 0,
+    ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
+    pad_to_multiple_of: int = 1,
+) -> Dict[str, torch.Tensor]:
+    """Concatenate chosen then rejected rows into one right-padded batch for a single forward.
+
+    Same layout as torchtune's ``padded_collate_dpo`` (rows ``[:b]`` chosen, ``[b:]`` rejected),
+    plus ``rows`` (the source row of each pair, so an error can name the examples of a bad
+    step) and ``pad_to_multiple_of`` (fewer distinct shapes under ``torch.compile``).
+
+    Args:
+        batch: items of :class:`PreferenceDataset`.
+        padding_idx (int): token id for padding.
+        ignore_idx (int): label for padding.
+        pad_to_multiple_of (int): round the padded length up to a multiple of this.
+
+    Returns:
+        Dict[str, torch.Tensor]: ``tokens`` [2b, s], ``labels`` [2b, s], ``rows`` [b].
+    """
+    ids = [torch.tensor(ex[f"{k}_input_ids"]) for k in ("chosen", "rejected") for ex in batch]
+    labels = [torch.tensor(ex[f"{k}_labels"]) for k in ("chosen", "rejected") for ex in batch]
+    tokens = pad_sequence(ids, batch_first=True, padding_value=padding_idx)
+    labels_t = pad_sequence(labels, batch_first=True, padding_value=ignore_idx)
+    extra = -tokens.shape[1] % pad_to_multiple_of
+    if extra:
+        tokens = torch.nn.functional.pad(tokens, (0, extra), value=padding_idx)
+        labels_t = torch.nn.functional.pad(labels_t, (0, extra), value=ignore_idx)
+    rows = torch.tensor([ex.get("row", -1) for ex in batch])
+    return {"tokens": tokens, "labels": labels_t, "rows": rows}
