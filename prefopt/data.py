@@ -305,7 +305,8 @@ def padded_collate_preference(
         pad_to_multiple_of (int): round the padded length up to a multiple of this.
 
     Returns:
-        Dict[str, torch.Tensor]: ``tokens`` [2b, s], ``labels`` [2b, s], ``rows`` [b].
+        Dict[str, torch.Tensor]: ``tokens`` [2b, s], ``labels`` [2b, s], ``rows`` [b], and
+        ``num_tokens`` (0-d: real, non-padding tokens in the batch, for throughput figures).
     """
     ids = [torch.tensor(ex[f"{k}_input_ids"]) for k in ("chosen", "rejected") for ex in batch]
     labels = [torch.tensor(ex[f"{k}_labels"]) for k in ("chosen", "rejected") for ex in batch]
@@ -316,4 +317,5 @@ def padded_collate_preference(
         tokens = torch.nn.functional.pad(tokens, (0, extra), value=padding_idx)
         labels_t = torch.nn.functional.pad(labels_t, (0, extra), value=ignore_idx)
     rows = torch.tensor([ex.get("row", -1) for ex in batch])
-    return {"tokens": tokens, "labels": labels_t, "rows": rows}
+    num_tokens = torch.tensor(sum(len(x) for x in ids))
+    return {"tokens": tokens, "labels": labels_t, "rows": rows, "num_tokens": num_tokens}

@@ -1,0 +1,471 @@
+# prefopt: SimPO with LoRA / QLoRA on a single device.
+#
+# Modelled on torchtune 0.6.1's lora_dpo_single_device.py without the reference model: SimPO's
+# reward is the policy's own length-normalised log-likelihood, so each step is ONE forward and
+# backward of the concatenated chosen+rejected batch.
+#
+#   tune run recipes/simpo_lora_single_device.py --config configs/tiny/simpo_lora.yaml [key=value ...]
+#
+# This file is meant to be copied and edited (`prefopt cp simpo_lora_single_device .`): it
+# depends on torchtune and the small `prefopt` library only, and shares no base class.
+
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from torch.utils.data import DataLoader, DistributedSampler
+from torchtune import config, modules, training, utils
+from torchtune.datasets import ConcatDataset
+from torchtune.modules.peft import (
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_lora_module_names,
+    get_merged_lora_ckpt,
+    set_trainable_params,
+    validate_missing_and_unexpected_for_lora,
+)
+from tqdm import tqdm
+
+from prefopt.config import Key, at_least, one_of, positive, validate_config
+from prefopt.data import padded_collate_preference
+from prefopt.logprobs import sequence_logps
+from prefopt.metrics import PreferenceMetrics
+
+log = utils.get_logger("INFO")
+
+# Every key this recipe reads, read once in __init__/setup. Anything else in the config is an
+# error at start-up (torchtune's DPO recipe silently ignores e.g. clip_grad_norm).
+CONFIG_SPEC = {
+    "output_dir": Key(str, doc="where logs and checkpoints go"),
+    "model": Key(component=True, doc="a torchtune lora_* model builder"),
+    "tokenizer": Key(component=True),
+    "checkpointer": Key(component=True, doc="torchtune checkpointer holding the base weights"),
+    "dataset": Key(component=True, doc="e.g. prefopt.data.preference_dataset"),
+    "eval_dataset": Key(component=True, default=None, doc="held-out pairs for eval"),
+    "loss": Key(component=True, doc="a reference-free loss, e.g. prefopt.loss.SimPOLoss"),
+    "optimizer": Key(component=True),
+    "lr_scheduler": Key(component=True, default=None),
+    "metric_logger": Key(component=True),
+    "seed": Key((int, type(None)), default=None),
+    "shuffle": Key(bool, default=True),
+    "batch_size": Key(int, check=at_least(1)),
+    "eval_batch_size": Key((int, type(None)), default=None, check=at_least(1)),
+    "gradient_accumulation_steps": Key(int, default=1, check=at_least(1)),
+    "clip_grad_norm": Key((float, type(None)), default=None, check=positive),
+    "epochs": Key(int, check=at_least(1)),
+    "max_steps_per_epoch": Key((int, type(None)), default=None, check=at_least(1)),
+    "device": Key(str, default="cpu"),
+    "dtype": Key(str, default="fp32", check=one_of("fp32", "bf16")),
+    "compile": Key(bool, default=False),
+    "enable_activation_checkpointing": Key(bool, default=False),
+    "enable_activation_offloading": Key(bool, default=False),
+    "num_output_chunks": Key(int, default=8, check=at_least(1)),
+    "log_every_n_steps": Key(int, default=1, check=at_least(1)),
+    "log_peak_memory_stats": Key(bool, default=False),
+    "eval_every_n_steps": Key((int, type(None)), default=None, check=at_least(1)),
+    "save_every_n_steps": Key((int, type(None)), default=None, check=at_least(1)),
+    "resume_from_checkpoint": Key(bool, default=False),
+    "save_adapter_weights_only": Key(bool, default=False),
+    "on_nonfinite": Key(str, default="error", check=one_of("error", "skip")),
+}
+# Arguments the recipe passes to components itself; a config must not set them.
+BOUND_ARGS = {
+    "optimizer": ("params",),
+    "lr_scheduler": ("optimizer", "num_training_steps", "last_epoch"),
+    "dataset": ("tokenizer",),
+    "eval_dataset": ("tokenizer",),
+    "checkpointer": ("should_load_recipe_state", "resume_from_checkpoint"),
+}
+STATE_DIR = "checkpoints"  # <output_dir>/checkpoints/step_<N>/{adapter.pt, recipe_state.pt, COMPLETE}
+
+
+def _cross_checks(v: Dict[str, Any]) -> list:
+    problems = []
+    if v["enable_activation_offloading"] and not v["enable_activation_checkpointing"]:
+        problems.append("enable_activation_offloading: needs enable_activation_checkpointing=True")
+    if v["enable_activation_offloading"] and not v["device"].startswith("cuda"):
+        problems.append(f"enable_activation_offloading: needs a CUDA device, got device={v['device']}")
+    if v["eval_every_n_steps"] is not None and v["eval_dataset"] is None:
+        problems.append("eval_every_n_steps: set, but there is no eval_dataset")
+    return problems
+
+
+class SimPORecipeSingleDevice:
+    """SimPO (or any reference-free pairwise loss) with LoRA/QLoRA on one device.
+
+    - One concatenated forward of chosen+rejected per micro-batch; per-sequence average
+      log-probs from chunked logits (no float32 copy of the whole logits).
+    - Gradient accumulation, gradient clipping, fp32/bf16, activation checkpointing (and
+      offloading on CUDA), torch.compile of the decoder layers and the loss.
+    - Held-out evaluation at step 0, every ``eval_every_n_steps`` and at the end.
+    - Checkpoints every ``save_every_n_steps`` and at each epoch end. Epoch ends also write the
+      merged model in the checkpointer's format (HF in, HF out) plus the adapter. Every save
+      writes a resume state (adapter, optimizer, LR scheduler, data position, RNG), atomically;
+      ``resume_from_checkpoint=True`` continues from the newest complete one, mid-epoch included.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        v = validate_config(cfg, CONFIG_SPEC, bound_args=BOUND_ARGS, extra_checks=_cross_checks)
+        self._cfg = v
+        self._device = utils.get_device(device=v["device"])
+        self._dtype = training.get_dtype(v["dtype"], device=self._device)
+        self._output_dir = Path(v["output_dir"])
+        self._log_every_n_steps = v["log_every_n_steps"]
+        # CPU has no allocator statistics to report.
+        self._log_peak_memory_stats = v["log_peak_memory_stats"] and self._device.type == "cuda"
+        self._grad_accum = v["gradient_accumulation_steps"]
+        self._clip_grad_norm = v["clip_grad_norm"]
+        self._eval_every = v["eval_every_n_steps"]
+        self._save_every = v["save_every_n_steps"]
+        self._on_nonfinite = v["on_nonfinite"]
+        self.seed = training.set_seed(seed=v["seed"])
+        self.total_epochs = v["epochs"]
+        self.max_steps_per_epoch = v["max_steps_per_epoch"]
+        self.epochs_run = 0
+        self.global_step = 0
+        self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
+        _check_output_dir(self._output_dir)
+
+    # ------------------------------------------------------------------------------------------
+    def setup(self, cfg: DictConfig) -> None:
+        v = self._cfg
+        # Build order: logger -> base weights -> model (+LoRA, AC, compile) -> tokenizer -> loss
+        # -> optimizer -> data (needs tokenizer) -> LR scheduler (needs steps per epoch) ->
+        # resume state last, because it restores into all of the above.
+        self._metric_logger = config.instantiate(v["metric_logger"])
+        self._metric_logger.log_config(cfg)
+
+        self._checkpointer = config.instantiate(v["checkpointer"], should_load_recipe_state=False)
+        base_state_dict = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        self._model = self._setup_model(v["model"], base_state_dict)
+        del base_state_dict
+
+        self._tokenizer = config.instantiate(v["tokenizer"])
+        self._loss_fn = config.instantiate(v["loss"])
+        if v["compile"]:
+            self._loss_fn = training.compile_loss(self._loss_fn)
+        self._optimizer = config.instantiate(v["optimizer"], self._adapter_params.values())
+
+        self._sampler, self._dataloader = self._setup_data(v["dataset"], v["batch_size"], v["shuffle"])
+        self._eval_dataloader = None
+        if v["eval_dataset"] is not None:
+            _, self._eval_dataloader = self._setup_data(
+                v["eval_dataset"], v["eval_batch_size"] or v["batch_size"], shuffle=False
+            )
+
+        self._steps_per_epoch = len(self._dataloader) // self._grad_accum
+        if self.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        if self._steps_per_epoch == 0:
+            raise ValueError(
+                f"dataset gives {len(self._dataloader)} batches of batch_size={v['batch_size']}, fewer than "
+                f"gradient_accumulation_steps={self._grad_accum}: no optimizer step would be taken"
+            )
+        self._lr_scheduler = None
+        if v["lr_scheduler"] is not None:
+            self._lr_scheduler = config.instantiate(
+                v["lr_scheduler"],
+                self._optimizer,
+                num_training_steps=self.total_epochs * self._steps_per_epoch,
+                last_epoch=-1,
+            )
+        self._metrics = PreferenceMetrics.for_loss(self._loss_fn, self._device)
+        if v["resume_from_checkpoint"]:
+            self._load_resume_state()
+
+    def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, Any]) -> torch.nn.Module:
+        v = self._cfg
+        with training.set_default_dtype(self._dtype), self._device:
+            model = config.instantiate(cfg_model)
+        self._lora_rank = cfg_model.lora_rank
+        self._lora_alpha = cfg_model.lora_alpha
+        self._lora_attn_modules = list(cfg_model.lora_attn_modules)
+        self._apply_lora_to_mlp = cfg_model.get("apply_lora_to_mlp", False)
+        self._apply_lora_to_output = cfg_model.get("apply_lora_to_output", False)
+        self._adapter_params = get_adapter_params(model)
+        set_trainable_params(model, self._adapter_params)
+        if v["enable_activation_checkpointing"]:
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        missing, unexpected = model.load_state_dict(base_state_dict, strict=False)
+        validate_missing_and_unexpected_for_lora(
+            lora_attn_modules=self._lora_attn_modules,
+            apply_lora_to_mlp=self._apply_lora_to_mlp,
+            apply_lora_to_output=self._apply_lora_to_output,
+            base_missing=missing,
+            base_unexpected=unexpected,
+        )
+        self._activations_ctx = training.get_act_offloading_ctx_manager(
+            model, v["enable_activation_offloading"]
+        )
+        # The model returns its logits as a list of sequence chunks in its own dtype; the
+        # log-prob function upcasts one chunk at a time.
+        model.set_num_output_chunks(v["num_output_chunks"])
+        if v["compile"]:
+            training.compile_model(model)
+        n_train = sum(p.numel() for p in self._adapter_params.values())
+        n_all = sum(p.numel() for p in model.parameters())
+        log.info(f"Model ready: {n_all:,} parameters, {n_train:,} trainable (LoRA), dtype {self._dtype}")
+        return model
+
+    def _setup_data(self, cfg_dataset: Any, batch_size: int, shuffle: bool):
+        if isinstance(cfg_dataset, ListConfig):
+            ds = ConcatDataset([config.instantiate(c, tokenizer=self._tokenizer) for c in cfg_dataset])
+        else:
+            ds = config.instantiate(cfg_dataset, tokenizer=self._tokenizer)
+        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
+        loader = DataLoader(
+            ds,
+            sampler=sampler,
+            batch_size=batch_size,
+            drop_last=shuffle,  # eval keeps every pair; training keeps shapes regular
+            collate_fn=partial(padded_collate_preference, padding_idx=self._tokenizer.pad_id),
+        )
+        return sampler, loader
+
+    # ------------------------------------------------------------------------------------------
+    def _forward(self, batch: Dict[str, torch.Tensor]):
+        """One forward of chosen+rejected; returns (losses [b], rewards, logps of both halves)."""
+        tokens = batch["tokens"].to(self._device)
+        labels = batch["labels"].to(self._device)
+        b = tokens.shape[0] // 2
+        with self._activations_ctx:
+            logits = self._model(tokens)
+        out = sequence_logps(logits, labels)
+        del logits
+        chosen = type(out)(*(t[:b] for t in out))
+        rejected = type(out)(*(t[b:] for t in out))
+        losses, chosen_rewards, rejected_rewards = self._loss_fn(chosen.logps, rejected.logps)
+        return losses, chosen_rewards, rejected_rewards, chosen, rejected
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        if self._eval_dataloader is None:
+            return None
+        self._model.eval()
+        metrics = PreferenceMetrics.for_loss(self._loss_fn, self._device)
+        for batch in self._eval_dataloader:
+            losses, cr, rr, chosen, rejected = self._forward(batch)
+            metrics.update(losses, cr, rr, chosen, rejected)
+        self._model.train()
+        result = {f"eval/{k}": val for k, val in metrics.compute().items()}
+        self._metric_logger.log_dict(result, step=self.global_step)
+        log.info(
+            f"eval @ step {self.global_step}: loss {result['eval/loss']:.4f}  "
+            f"rewards/accuracies {result['eval/rewards/accuracies']:.3f}  "
+            f"rewards/margins {result['eval/rewards/margins']:.4f}"
+        )
+        return result
+
+    def train(self) -> None:
+        if self._cfg["compile"]:
+            log.info("torch.compile is on: the first step compiles and is slow.")
+        self._first_eval = self.evaluate() if self.global_step == 0 else None
+        self._last_eval = self._first_eval
+        self._optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        num_tokens = 0
+        running_loss = torch.zeros((), device=self._device)
+        for epoch in range(self.epochs_run, self.total_epochs):
+            self._sampler.set_epoch(epoch)
+            # Resume mid-epoch: skip the micro-batches that the saved steps already consumed.
+            skip = self._step_in_epoch * self._grad_accum
+            batches = islice(self._dataloader, skip, self._steps_per_epoch * self._grad_accum)
+            pbar = tqdm(total=self._steps_per_epoch, initial=self._step_in_epoch, disable=not sys.stderr.isatty())
+            rows = []
+            for idx, batch in enumerate(batches, start=skip):
+                losses, cr, rr, chosen, rejected = self._forward(batch)
+                loss = losses.mean() / self._grad_accum
+                loss.backward()
+                running_loss += loss.detach()
+                self._metrics.update(losses, cr, rr, chosen, rejected)
+                num_tokens += int(batch["num_tokens"])
+                rows.append(batch["rows"])
+                if (idx + 1) % self._grad_accum != 0:
+                    continue
+
+                grad_norm = None
+                params = list(self._adapter_params.values())
+                if self._clip_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self._clip_grad_norm)
+                # One host sync per optimizer step: a NaN/inf must not reach the weights.
+                bad = not torch.isfinite(running_loss) or (grad_norm is not None and not torch.isfinite(grad_norm))
+                if bad:
+                    msg = (
+                        f"non-finite loss or gradient at step {self.global_step + 1} (epoch {epoch}); "
+                        f"example rows of this step: {torch.cat(rows).tolist()}"
+                    )
+                    if self._on_nonfinite == "error":
+                        raise FloatingPointError(msg + ". The last checkpoint is untouched; set on_nonfinite=skip to skip such steps.")
+                    log.warning(msg + "; step skipped (on_nonfinite=skip)")
+                else:
+                    self._optimizer.step()
+                    if self._lr_scheduler is not None:
+                        self._lr_scheduler.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                self._step_in_epoch += 1
+                pbar.update(1)
+
+                if self.global_step % self._log_every_n_steps == 0:
+                    elapsed = time.perf_counter() - t0
+                    log_dict = {
+                        **self._metrics.compute(),
+                        "lr": self._optimizer.param_groups[0]["lr"],
+                        "tokens_per_second": num_tokens / elapsed,
+                    }
+                    if grad_norm is not None:
+                        log_dict["grad_norm"] = grad_norm.item()
+                    if self._log_peak_memory_stats:
+                        log_dict.update(training.get_memory_stats(device=self._device))
+                    self._metric_logger.log_dict(log_dict, step=self.global_step)
+                    pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {log_dict['loss']:.4f}")
+                    t0, num_tokens = time.perf_counter(), 0
+                self._metrics.reset()
+                running_loss.zero_()
+                rows = []
+
+                if self._eval_every is not None and self.global_step % self._eval_every == 0:
+                    self._last_eval = self.evaluate()
+                end_of_epoch = self._step_in_epoch == self._steps_per_epoch
+                if self._save_every is not None and self.global_step % self._save_every == 0 and not end_of_epoch:
+                    self.save_checkpoint(epoch=epoch, end_of_epoch=False)
+            pbar.close()
+            self.epochs_run = epoch + 1
+            self._step_in_epoch = 0
+            if self._eval_dataloader is not None and (self._eval_every is None or self.global_step % self._eval_every != 0):
+                self._last_eval = self.evaluate()
+            self.save_checkpoint(epoch=epoch, end_of_epoch=True)
+        if self._first_eval is not None and self._last_eval is not None:
+            log.info(
+                "held-out rewards/accuracies: "
+                f"{self._first_eval['eval/rewards/accuracies']:.3f} at step 0 -> "
+                f"{self._last_eval['eval/rewards/accuracies']:.3f} at step {self.global_step}"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int, end_of_epoch: bool) -> None:
+        """Resume state (always, atomically), plus at epoch ends the merged model and adapter
+        through the torchtune checkpointer (``<output_dir>/epoch_<N>/``, HF format in -> out).
+
+        Why our own resume state: torchtune 0.6.1's checkpointers resume only at epoch
+        boundaries and reload the merged model; SimPO runs are often a single epoch, so a kill
+        must lose at most ``save_every_n_steps`` steps, and the resumed losses must equal the
+        uninterrupted run's.
+        """
+        adapter = {k: t.detach().cpu().clone() for k, t in get_adapter_state_dict(self._model.state_dict()).items()}
+        state = {
+            "optimizer": self._optimizer.state_dict(),
+            "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
+            "epochs_run": self.epochs_run,
+            "step_in_epoch": self._step_in_epoch,
+            "global_step": self.global_step,
+            "seed": self.seed,
+            "total_epochs": self.total_epochs,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        final_dir = self._output_dir / STATE_DIR / f"step_{self.global_step}"
+        tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        torch.save(adapter, tmp_dir / "adapter.pt")
+        torch.save(state, tmp_dir / "recipe_state.pt")
+        (tmp_dir / "COMPLETE").write_text(f"step {self.global_step}\n")
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp_dir, final_dir)  # atomic on POSIX: a kill leaves either nothing or a whole dir
+        log.info(f"Resume state saved to {final_dir}")
+
+        if not end_of_epoch:
+            return
+        ckpt = {training.ADAPTER_KEY: adapter}
+        if not self._cfg["save_adapter_weights_only"]:
+            # state_dict() of a QLoRA model dequantizes NF4 weights through the builder's hook.
+            full = {k: t.detach().cpu() for k, t in self._model.state_dict().items()}
+            ckpt[training.MODEL_KEY] = get_merged_lora_ckpt(full, rank=self._lora_rank, alpha=self._lora_alpha)
+        ckpt[training.ADAPTER_CONFIG] = {
+            "r": self._lora_rank,
+            "lora_alpha": self._lora_alpha,
+            "target_modules": get_lora_module_names(
+                self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
+            ),
+            "peft_type": "LORA",
+        }
+        self._checkpointer.save_checkpoint(
+            ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=self._cfg["save_adapter_weights_only"]
+        )
+
+    def _load_resume_state(self) -> None:
+        ckpt_dir = _latest_complete(self._output_dir / STATE_DIR)
+        if ckpt_dir is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=True but {self._output_dir / STATE_DIR} holds no complete checkpoint "
+                "(a step_<N>/ folder with a COMPLETE marker)"
+            )
+        adapter = torch.load(ckpt_dir / "adapter.pt", map_location="cpu", weights_only=True)
+        state = torch.load(ckpt_dir / "recipe_state.pt", map_location="cpu", weights_only=False)
+        missing, unexpected = self._model.load_state_dict(adapter, strict=False)
+        if unexpected or any(k in missing for k in adapter):
+            raise ValueError(f"{ckpt_dir}/adapter.pt does not match this model's LoRA layout: unexpected {unexpected}")
+        for key, mine in (("seed", self.seed), ("max_steps_per_epoch", self.max_steps_per_epoch)):
+            if state[key] != mine:
+                raise ValueError(
+                    f"resume: {key}={mine} in the config but {state[key]} in {ckpt_dir}; the data order "
+                    "would differ from the saved run. Use the saved value."
+                )
+        self._optimizer.load_state_dict(state["optimizer"])
+        if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.epochs_run = state["epochs_run"]
+        self._step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        log.info(f"Resumed from {ckpt_dir}: epoch {self.epochs_run}, step {self.global_step}")
+
+    def cleanup(self) -> None:
+        self._metric_logger.close()
+
+
+def _check_output_dir(path: Path) -> None:
+    """Fail before any model is built if checkpoints could not be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output_dir={str(path)!r} is not writable: {e}") from e
+
+
+def _latest_complete(root: Path) -> Optional[Path]:
+    """Newest step_<N> folder that has its COMPLETE marker (a killed save leaves none)."""
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "COMPLETE").exists()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="SimPORecipeSingleDevice", cfg=cfg)
+    recipe = SimPORecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
