@@ -1,0 +1,111 @@
+"""Tier 1: per-sequence log-probs equal the naive log_softmax-gather reference."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from prefopt.logprobs import sequence_logps
+
+
+def naive(logits, labels, average=True):
+    # princeton / TRL get_batch_logps
+    labels = labels[:, 1:].clone()
+    logits = logits[:, :-1, :]
+    mask = labels != -100
+    labels[~mask] = 0
+    tok = torch.log_softmax(logits.float(), -1).gather(2, labels.unsqueeze(2)).squeeze(2)
+    s = (tok * mask).sum(-1)
+    return s / mask.sum(-1) if average else s
+
+
+def batch(b=4, s=13, v=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, s, v, generator=g) * 3
+    labels = torch.randint(0, v, (b, s), generator=g)
+    for i in range(b):  # varied prompt lengths and right padding
+        labels[i, : 2 + i] = -100
+        labels[i, s - i :] = -100
+    return logits, labels
+
+
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("chunks", [1, 3, 5])
+def test_equals_naive_reference_with_gradients(average, chunks):
+    logits, labels = batch()
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    ours = sequence_logps(list(a.chunk(chunks, dim=1)), labels, average=average).logps
+    ref = naive(b, labels, average)
+    assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    w = torch.randn(ours.shape)
+    (ours * w).sum().backward()
+    (ref * w).sum().backward()
+    assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_hand_worked_eight_token_reward():
+    # simpo_explained_with_trl: token probabilities 0.7 0.8 0.9 0.6 0.5 0.9 0.8 0.7, beta = 2
+    # -> reward 2/8 * sum(log p) = -0.6436. Two-token vocab: logits [log p, log(1-p)].
+    probs = torch.tensor([0.7, 0.8, 0.9, 0.6, 0.5, 0.9, 0.8, 0.7])
+    logits = torch.zeros(1, 9, 2)
+    logits[0, :8, 0] = probs.log()
+    logits[0, :8, 1] = (1 - probs).log()
+    labels = torch.full((1, 9), -100)
+    labels[0, 1:] = 0  # token 0 at positions 1..8, predicted by positions 0..7
+    out = sequence_logps(logits, labels)
+    assert out.num_tokens.item() == 8
+    assert_close(out.logps * 2.0, torch.tensor([-0.6436]), atol=1e-4, rtol=0)
+    assert_close(sequence_logps(logits, labels, average=False).logps, torch.tensor([-2.5743]), atol=1e-4, rtol=0)
+
+
+def test_no_float32_copy_of_whole_logits_saved_for_backward():
+    b, s, v = 2, 16, 512
+    logits = (torch.randn(b, s, v) * 2).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, v, (b, s))
+    labels[:, :3] = -100
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append((x.dtype, x.numel())) or x, lambda x: x):
+        out = sequence_logps(list(logits.chunk(4, dim=1)), labels)
+    assert out.logps.dtype == torch.float32
+    big_fp32 = [n for dt, n in saved if dt == torch.float32 and n >= b * (s // 4) * v]
+    assert big_fp32 == [], f"float32 logits-sized tensors saved for backward: {big_fp32}"
+    out.logps.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    ref = logits.detach().float().requires_grad_()
+    naive(ref, labels).sum().backward()
+    assert_close(logits.grad.float(), ref.grad, atol=2e-3, rtol=2e-2)
+
+
+def test_torchtune_chunked_model_output_matches_unchunked():
+    from torchtune.models.llama2 import llama2
+
+    torch.manual_seed(0)
+    model = llama2(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=32, max_seq_len=32)
+    tokens = torch.randint(0, 64, (3, 12))
+    labels = tokens.clone()
+    labels[:, :4] = -100
+    full = sequence_logps(model(tokens), labels).logps
+    model.set_num_output_chunks(4)
+    chunked = model(tokens)
+    assert isinstance(chunked, list) and len(chunked) == 4
+    assert_close(sequence_logps(chunked, labels).logps, full, atol=1e-6, rtol=1e-6)
+
+
+def test_logits_mean_is_trls_statistic():
+    logits, labels = batch()
+    out = sequence_logps(list(logits.chunk(3, dim=1)), labels)
+    assert_close(out.logits_mean, logits.mean(dim=(1, 2)))
+
+
+def test_row_without_response_tokens_names_the_row():
+    logits, labels = batch()
+    labels[2, :] = -100
+    labels[3, 1:] = -100  # only position 0 labelled: nothing predicts it after the shift
+    with pytest.raises(ValueError, match=r"rows \[2, 3\]"):
+        sequence_logps(logits, labels)
+
+
+def test_shape_mismatch_raises():
+    logits, labels = batch()
+    with pytest.raises(ValueError, match="do not match labels"):
+        sequence_logps([logits[:, :5]], labels)
