@@ -31,3 +31,36 @@ def tiny_tokenizer():
 
 def tune_bin() -> str:
     return str(Path(sys.executable).with_name("tune"))
+
+
+def read_log(output_dir) -> dict:
+    """{step: {metric: value}} from the DiskLogger file(s) under <output_dir>/logs."""
+    steps: dict = {}
+    for f in sorted((Path(output_dir) / "logs").glob("log_*.txt")):
+        for line in f.read_text().splitlines():
+            if not line.startswith("Step "):
+                continue
+            head, _, rest = line.partition(" | ")
+            step = int(head.split()[1])
+            for item in rest.split():
+                k, _, v = item.rpartition(":")
+                try:
+                    steps.setdefault(step, {})[k] = float(v)
+                except ValueError:
+                    pass
+    return steps
+
+
+def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 0, timeout: int = 600, check: bool = True):
+    """`tune run` from the repo root, as the README shows it; returns the CompletedProcess."""
+    import subprocess
+
+    cmd = [tune_bin(), "run"]
+    if nproc:
+        cmd += ["--nproc_per_node", str(nproc)]
+    cmd += [recipe, "--config", config, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
