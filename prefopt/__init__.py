@@ -8,3 +8,25 @@
 """
 
 __version__ = "0.1.0"
+
+from pathlib import Path as _Path
+
+from omegaconf import OmegaConf as _OmegaConf
+from omegaconf import __version__ as _omegaconf_version
+
+ASSETS = _Path(__file__).resolve().parent / "assets"
+
+
+def _asset_path(relative: str) -> str:
+    return str(ASSETS / relative)
+
+
+# `${prefopt_assets:tiny/tokenizer.model}` in a config resolves to the bundled file, wherever
+# prefopt is installed (a checkout or a wheel), so the tiny configs run from any directory.
+# (omegaconf 2.4 renamed register_new_resolver back to register_resolver; 2.1-2.3's
+# register_resolver is the old, deprecated one.)
+if not _OmegaConf.has_resolver("prefopt_assets"):
+    if tuple(int(x) for x in _omegaconf_version.split(".")[:2]) >= (2, 4):
+        _OmegaConf.register_resolver("prefopt_assets", _asset_path)
+    else:
+        _OmegaConf.register_new_resolver("prefopt_assets", _asset_path)

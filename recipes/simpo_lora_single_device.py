@@ -10,6 +10,7 @@
 # depends on torchtune and the small `prefopt` library only, and shares no base class.
 
 import os
+import resource
 import shutil
 import sys
 import time
@@ -118,8 +119,8 @@ class SimPORecipeSingleDevice:
         self._dtype = training.get_dtype(v["dtype"], device=self._device)
         self._output_dir = Path(v["output_dir"])
         self._log_every_n_steps = v["log_every_n_steps"]
-        # CPU has no allocator statistics to report.
-        self._log_peak_memory_stats = v["log_peak_memory_stats"] and self._device.type == "cuda"
+        # CUDA: allocator statistics; CPU: the process's peak resident set size.
+        self._log_peak_memory_stats = v["log_peak_memory_stats"]
         self._grad_accum = v["gradient_accumulation_steps"]
         self._clip_grad_norm = v["clip_grad_norm"]
         self._eval_every = v["eval_every_n_steps"]
@@ -325,7 +326,7 @@ class SimPORecipeSingleDevice:
                     if grad_norm is not None:
                         log_dict["grad_norm"] = grad_norm.item()
                     if self._log_peak_memory_stats:
-                        log_dict.update(training.get_memory_stats(device=self._device))
+                        log_dict.update(_memory_stats(self._device))
                     self._metric_logger.log_dict(log_dict, step=self.global_step)
                     pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {log_dict['loss']:.4f}")
                     t0, num_tokens = time.perf_counter(), 0
@@ -437,6 +438,13 @@ class SimPORecipeSingleDevice:
 
     def cleanup(self) -> None:
         self._metric_logger.close()
+
+
+def _memory_stats(device: torch.device) -> Dict[str, float]:
+    if device.type == "cuda":
+        return training.get_memory_stats(device=device)
+    # ru_maxrss is in KiB on Linux: the peak RSS of this process so far.
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def _check_output_dir(path: Path) -> None:

@@ -35,20 +35,9 @@ def tune_bin() -> str:
 
 def read_log(output_dir) -> dict:
     """{step: {metric: value}} from the DiskLogger file(s) under <output_dir>/logs."""
-    steps: dict = {}
-    for f in sorted((Path(output_dir) / "logs").glob("log_*.txt")):
-        for line in f.read_text().splitlines():
-            if not line.startswith("Step "):
-                continue
-            head, _, rest = line.partition(" | ")
-            step = int(head.split()[1])
-            for item in rest.split():
-                k, _, v = item.rpartition(":")
-                try:
-                    steps.setdefault(step, {})[k] = float(v)
-                except ValueError:
-                    pass
-    return steps
+    from prefopt.logs import read_disk_log
+
+    return read_disk_log(Path(output_dir) / "logs")
 
 
 def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 0, timeout: int = 600, check: bool = True):

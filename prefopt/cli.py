@@ -1,0 +1,238 @@
+"""The ``prefopt`` command: ``ls``, ``cp``, ``run`` and ``plot``, in the manner of ``tune``.
+
+    prefopt ls
+    prefopt cp simpo_lora_single_device .            # a recipe, to edit and own
+    prefopt cp tiny/simpo_lora my.yaml               # a config
+    prefopt run simpo_lora_single_device --config tiny/simpo_lora loss.beta=5.0
+    prefopt run --nproc_per_node 2 simpo_full_distributed --config tiny/simpo_full
+    prefopt plot outputs/tiny_simpo_lora -o run.png
+"""
+
+import argparse
+import os
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["main", "recipes_dir", "configs_dir", "list_recipes", "resolve_recipe", "resolve_config"]
+
+FULL_MARKER = "simpo_full"
+
+
+def _bundled(package: str, checkout_dir: str) -> Path:
+    """The recipes/configs shipped in the wheel (``prefopt._recipes`` / ``prefopt._configs``),
+    or, when those are not installed (a plain checkout on ``sys.path``), the checkout's folder."""
+    try:
+        path = Path(str(resources.files(package)))
+        if path.is_dir():
+            return path
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[1] / checkout_dir
+
+
+def recipes_dir() -> Path:
+    return _bundled("prefopt._recipes", "recipes")
+
+
+def configs_dir() -> Path:
+    return _bundled("prefopt._configs", "configs")
+
+
+def list_recipes() -> Dict[str, List[str]]:
+    """``{recipe name: [config names]}``; config names are paths under configs/ without ``.yaml``."""
+    recipes = sorted(p.stem for p in recipes_dir().glob("simpo_*.py"))
+    configs = sorted(
+        str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().rglob("*.yaml")
+    )
+    table: Dict[str, List[str]] = {r: [] for r in recipes}
+    for c in configs:
+        owner = "simpo_full_distributed" if FULL_MARKER in Path(c).name else "simpo_lora_single_device"
+        table.setdefault(owner, []).append(c)
+    return table
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe name (``simpo_lora_single_device``) or a path to a ``.py`` file.
+
+    Raises:
+        FileNotFoundError: naming the known recipes.
+    """
+    p = Path(name)
+    if p.suffix == ".py" and p.is_file():
+        return p.resolve()
+    candidate = recipes_dir() / f"{p.stem if p.suffix == '.py' else name}.py"
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"no recipe {name!r}; known: {', '.join(list_recipes())} (or give a path to a .py file)")
+
+
+def resolve_config(name: str) -> Path:
+    """A config name (``tiny/simpo_lora``) or a path to a ``.yaml`` file.
+
+    Raises:
+        FileNotFoundError: naming where it looked.
+    """
+    p = Path(name)
+    if p.is_file():
+        return p.resolve()
+    rel = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    rel = rel[len("configs/") :] if rel.startswith("configs/") else rel
+    candidate = configs_dir() / f"{rel}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"no config {name!r}: not a file, and not in {configs_dir()} (see `prefopt ls`)")
+
+
+def _ls(_: argparse.Namespace) -> int:
+    table = list_recipes()
+    width = max(len(r) for r in table) + 2
+    print(f"{'RECIPE':<{width}}CONFIG")
+    for recipe, configs in table.items():
+        for i, c in enumerate(configs or ["-"]):
+            print(f"{recipe if i == 0 else '':<{width}}{c}")
+    return 0
+
+
+def _cp(args: argparse.Namespace) -> int:
+    try:
+        src = resolve_recipe(args.name)
+    except FileNotFoundError:
+        src = resolve_config(args.name)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not args.force:
+        print(f"prefopt cp: {dest} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    print(f"Copied {src} to {dest}")
+    return 0
+
+
+def _split_run_args(argv: List[str]) -> Tuple[List[str], str, List[str]]:
+    """``[torchrun flags...] recipe [recipe args...]`` -> (flags, recipe, recipe args).
+    torchrun flags are ``--name value`` or ``--name=value``; the recipe is the first bare word."""
+    flags: List[str] = []
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        flags.append(argv[i])
+        if "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            flags.append(argv[i + 1])
+            i += 1
+        i += 1
+    if i >= len(argv):
+        raise SystemExit("prefopt run: give a recipe name or path (see `prefopt ls`)")
+    return flags, argv[i], argv[i + 1 :]
+
+
+def _run(argv: List[str]) -> int:
+    """Resolve names to files, then hand over to `tune run` (torchtune's own launcher code)."""
+    flags, recipe, rest = _split_run_args(argv)
+    recipe_path = resolve_recipe(recipe)
+    if "--config" not in rest or rest.index("--config") + 1 >= len(rest):
+        raise SystemExit("prefopt run: --config <name or path> is required")
+    i = rest.index("--config") + 1
+    rest = list(rest)
+    rest[i] = str(resolve_config(rest[i]))
+
+    # torchtune's `tune run` turns a non-built-in recipe path into a module dot path relative to
+    # the cwd, which cannot name an installed file; its built-in branch runs a file by absolute
+    # path (runpy.run_path / torchrun <script>). We use torchtune's own Run with that branch.
+    from torchtune._cli.run import Run
+
+    parser = argparse.ArgumentParser(prog="tune")
+    run = Run(parser.add_subparsers(title="subcommands"))
+    args = parser.parse_args(["run", *flags, str(recipe_path), *rest])
+    sys.path.append(os.getcwd())
+    if flags:
+        run._run_distributed(args, is_builtin=True)
+    else:
+        run._run_single_device(args, is_builtin=True)
+    return 0
+
+
+PANELS = (
+    ("loss", ["loss"]),
+    ("rewards/accuracies", ["rewards/accuracies"]),
+    ("rewards/margins", ["rewards/margins"]),
+    ("log-probs", ["logps/chosen", "logps/rejected"]),
+)
+
+
+def plot_run(path: str, out: str) -> List[str]:
+    """Plot a run's DiskLogger metrics (train and eval) into a PNG; returns the panel titles.
+
+    Raises:
+        FileNotFoundError: if there is no log; ValueError: if it holds no known metric.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prefopt.logs import read_disk_log
+
+    log = read_disk_log(path)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    titles = []
+    drawn = 0
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for key in keys:
+            for prefix, style in (("", "-"), ("eval/", "o--")):
+                pts = sorted((s, m[prefix + key]) for s, m in log.items() if prefix + key in m)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{'eval' if prefix else 'train'} {key}", markersize=4)
+                    drawn += 1
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        titles.append(title)
+    if drawn == 0:
+        plt.close(fig)
+        raise ValueError(f"{path}: the log has none of the metrics {[k for _, ks in PANELS for k in ks]}")
+    fig.suptitle(f"prefopt run: {path}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return titles
+
+
+def _plot(args: argparse.Namespace) -> int:
+    titles = plot_run(args.path, args.output)
+    print(f"Wrote {args.output} ({', '.join(titles)})")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "run":  # everything after `run` belongs to torchrun / the recipe
+        return _run(argv[1:])
+    parser = argparse.ArgumentParser(prog="prefopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("ls", help="list recipes and their configs").set_defaults(fn=_ls)
+    cp = sub.add_parser("cp", help="copy a recipe or config out to edit")
+    cp.add_argument("name", help="recipe name, or config name (e.g. tiny/simpo_lora)")
+    cp.add_argument("dest", help="file or directory")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    cp.set_defaults(fn=_cp)
+    sub.add_parser("run", help="run a recipe: prefopt run [torchrun flags] RECIPE --config CONFIG [key=value ...]")
+    pl = sub.add_parser("plot", help="plot a run's metrics from its DiskLogger files")
+    pl.add_argument("path", help="output_dir, its logs/ folder, or one log file")
+    pl.add_argument("-o", "--output", default="run.png", help="PNG to write (default run.png)")
+    pl.set_defaults(fn=_plot)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"prefopt {args.cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
