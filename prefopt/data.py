@@ -184,12 +184,20 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
     def _build(self, row: int, sample: Mapping[str, Any]) -> Dict[str, Any]:
         self._check_messages(row, sample, "chosen")
         self._check_messages(row, sample, "rejected")
-        tok = self._prepare_sample(dict(sample))
+        messages = self._message_transform(dict(sample))
         parts = {}
         for key in ("chosen", "rejected"):
-            ids, labels = tok[f"{key}_input_ids"], tok[f"{key}_labels"]
-            p = next((i for i, l in enumerate(labels) if l != CROSS_ENTROPY_IGNORE_IDX), len(labels))
-            parts[key] = (ids[:p], ids[p:], labels[p:])
+            msgs = messages[key]
+            if msgs[-1].role != "assistant":
+                raise self._bad(row, self._column_map[key], "the last message must be the assistant's response", "no final response")
+            # Only the final assistant turn is the response (princeton's prompt is the whole
+            # conversation before it): earlier assistant turns are shared context, and scoring
+            # them would dilute the average log-prob with tokens both sides have.
+            for m in msgs[:-1]:
+                m.masked = True
+            ids, mask = self._tokenizer.tokenize_messages(msgs)
+            p = next((i for i, masked in enumerate(mask) if not masked), len(ids))
+            parts[key] = (list(ids[:p]), list(ids[p:]), [CROSS_ENTROPY_IGNORE_IDX if m else t for t, m in zip(ids[p:], mask[p:])])
         prompt = parts["chosen"][0]
         if prompt != parts["rejected"][0]:
             raise self._bad(
@@ -217,6 +225,12 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
                 )
             out[f"{key}_input_ids"] = list(prompt) + resp_ids
             out[f"{key}_labels"] = [CROSS_ENTROPY_IGNORE_IDX] * len(prompt) + resp_labels
+        if parts["chosen"][1][:n_c] == parts["rejected"][1][:n_r]:
+            raise self._bad(
+                row, self._column_map["rejected"],
+                "chosen and rejected responses are identical" + (" after truncation" if (n_c, n_r) != (len(parts["chosen"][1]), len(parts["rejected"][1])) else ""),
+                "identical responses",
+            )
         return out
 
     def __len__(self) -> int:

@@ -329,8 +329,9 @@ class SimPORecipeSingleDevice:
                         log_dict.update(_memory_stats(self._device))
                     self._metric_logger.log_dict(log_dict, step=self.global_step)
                     pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {log_dict['loss']:.4f}")
+                    # Metrics and throughput cover the whole logging window, as TRL's do.
                     t0, num_tokens = time.perf_counter(), 0
-                self._metrics.reset()
+                    self._metrics.reset()
                 running_loss.zero_()
                 rows = []
 
