@@ -145,6 +145,10 @@ def validate_config(
         else:
             value = cfg[name]
         if key.component:
+            # torchtune's CLI turns `key=null` for a component block into `key._component_: null`:
+            # both mean "disabled" for an optional component.
+            if isinstance(value, (dict, DictConfig)) and "_component_" in value and value["_component_"] is None:
+                value = None
             if value is None and not key.required:
                 values[name] = None
                 continue

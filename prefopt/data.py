@@ -37,7 +37,12 @@ _ON_BAD = ("drop", "error")
 
 
 class BadExample(ValueError):
-    """A row that cannot become a training pair; the message names the source, row and field."""
+    """A row that cannot become a training pair; the message names the source, row and field,
+    ``reason`` is the short category counted when such rows are dropped."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def truncate_pair(
@@ -151,7 +156,7 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
             except BadExample as e:
                 if on_bad_example == "error":
                     raise
-                self.dropped[e.args[1]] += 1
+                self.dropped[e.reason] += 1
         if self.dropped:
             log.warning(
                 "%s: dropped %d of %d rows (%s); set on_bad_example=error to stop at the first one",
