@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""(Re)create prefopt's embedded default assets under ``prefopt/assets/tiny/``.
+
+    python scripts/make_tiny_assets.py
+
+Deterministic (fixed seeds, fixed order, no network): the files committed in the repo are this
+script's output.
+
+* ``train.jsonl`` (1,200 pairs) and ``eval.jsonl`` (200 held-out pairs): preference pairs written
+  by us in torchtune's chosen/rejected message format (the same user message on both sides).
+  The user asks for one sentence on a topic; the *chosen* answer is a well-formed English
+  sentence (subject, verb, object, place, time, drawn from word lists); the *rejected* answer is
+  the very same words in a scrambled order. Chosen and rejected have exactly the same tokens, so
+  neither length nor vocabulary gives the answer away: only word order (coherent vs incoherent)
+  does. Held-out sentences never occur in the training file.
+* ``tokenizer.model``: a SentencePiece BPE model (vocab 512) trained on that text, with Llama-2
+  ids (unk=0, bos=1, eos=2) and byte fallback, for ``torchtune.models.llama2.llama2_tokenizer``.
+* ``model/``: a 2-layer Llama-architecture model (1.4M parameters) built with
+  ``torchtune.models.llama2.llama2`` from seed 0, **not** pre-trained (a pure seeded init),
+  converted with ``tune_to_hf`` and saved in Hugging Face format (``config.json`` +
+  ``model.safetensors``): loadable by ``FullModelHFCheckpointer(model_type="LLAMA2")`` and by
+  ``transformers.AutoModelForCausalLM.from_pretrained``.
+
+A random model prefers neither side (held-out reward accuracy ~0.5 at step 0); SimPO with LoRA
+teaches it the preference for fluent word order in a few dozen steps, and the held-out accuracy
+shows it generalizes to sentences it never saw.
+"""
+
+import json
+import random
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from safetensors.torch import save_file
+from torchtune.models.convert_weights import tune_to_hf
+from torchtune.models.llama2 import llama2
+
+OUT = Path(__file__).resolve().parents[1] / "prefopt" / "assets" / "tiny"
+SEED = 0
+N_TRAIN, N_EVAL = 1200, 200
+MODEL = dict(vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=512, max_seq_len=256)
+
+SUBJECTS = ["The cat", "My brother", "The old farmer", "A young girl", "Our teacher", "The doctor", "His neighbor",
+            "The baker", "A tall man", "The pilot", "My aunt", "The student"]
+VERBS = ["found", "painted", "carried", "washed", "sold", "bought", "fixed", "opened", "cleaned", "moved", "hid", "dropped"]
+OBJECTS = ["a red box", "the small table", "an old map", "the green door", "a heavy bag", "the broken clock", "a new coat",
+           "the wooden chair", "a blue cup", "the long rope", "a paper kite", "the silver key"]
+PLACES = ["in the garden", "near the river", "at the market", "behind the house", "in the kitchen", "on the hill",
+          "at school", "by the window", "in the city", "under the bridge", "at the station", "in the forest"]
+TIMES = ["this morning", "last week", "yesterday", "at noon", "before dinner", "after the rain", "on Sunday", "at night"]
+PROMPTS = ["Write one sentence about {t}.", "Tell me something about {t}.", "Describe {t} in one line.",
+           "Say a short sentence about {t}."]
+TOPICS = ["the weekend", "a small town", "a busy day", "the family", "a trip", "the house", "an afternoon", "the summer"]
+
+
+def make_pairs(rng: random.Random):
+    rows, seen = [], set()
+    while len(rows) < N_TRAIN + N_EVAL:
+        words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(TIMES)]
+        sentence = " ".join(words) + "."
+        if sentence in seen:
+            continue
+        seen.add(sentence)
+        tokens = sentence[:-1].split()
+        scrambled = tokens[:]
+        while scrambled == tokens:
+            rng.shuffle(scrambled)
+        prompt = rng.choice(PROMPTS).format(t=rng.choice(TOPICS))
+        rows.append({
+            "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": sentence}],
+            "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": " ".join(scrambled) + "."}],
+        })
+    return rows[N_EVAL:], rows[:N_EVAL]
+
+
+def main() -> None:
+    t0 = time.time()
+    OUT.mkdir(parents=True, exist_ok=True)
+    train, held_out = make_pairs(random.Random(SEED))
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
+        (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = OUT / "_text.txt"
+    text.write_text("\n".join(m["content"] for r in train + held_out for k in ("chosen", "rejected") for m in r[k]))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(OUT / "tokenizer"), vocab_size=MODEL["vocab_size"], model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        num_threads=1, seed_sentencepiece_size=1000000, shuffle_input_sentence=False, minloglevel=2,
+    )
+    text.unlink()
+    (OUT / "tokenizer.vocab").unlink()
+
+    torch.manual_seed(SEED)
+    model = llama2(**MODEL)
+    hf = tune_to_hf(model.state_dict(), num_heads=MODEL["num_heads"], num_kv_heads=MODEL["num_kv_heads"], dim=MODEL["embed_dim"])
+    (OUT / "model").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(OUT / "model" / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+        "vocab_size": MODEL["vocab_size"], "hidden_size": MODEL["embed_dim"], "intermediate_size": MODEL["intermediate_dim"],
+        "num_hidden_layers": MODEL["num_layers"], "num_attention_heads": MODEL["num_heads"],
+        "num_key_value_heads": MODEL["num_kv_heads"], "head_dim": MODEL["embed_dim"] // MODEL["num_heads"],
+        "max_position_embeddings": MODEL["max_seq_len"], "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02,
+        "pretraining_tp": 1, "use_cache": True,
+    }
+    (OUT / "model" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {OUT}: {len(train)} train + {len(held_out)} held-out pairs, tokenizer vocab {MODEL['vocab_size']}, "
+          f"model {n_params:,} parameters, {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
