@@ -407,6 +407,16 @@ class SimPORecipeSingleDevice:
         self._checkpointer.save_checkpoint(
             ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=self._cfg["save_adapter_weights_only"]
         )
+        # torchtune writes the adapter next to the merged model. transformers' from_pretrained
+        # then sees adapter_config.json and loads the folder as a PEFT adapter instead of the
+        # merged model (failing when peft rejects the installed torchao), so the adapter files
+        # move to epoch_<N>/adapter/: the folder is a plain HF model, the adapter sits beside it.
+        epoch_dir = self._output_dir / f"epoch_{epoch}"
+        if not self._cfg["save_adapter_weights_only"]:
+            (epoch_dir / "adapter").mkdir(exist_ok=True)
+            for f in list(epoch_dir.glob("adapter_model.*")) + [epoch_dir / "adapter_config.json"]:
+                if f.exists():
+                    os.replace(f, epoch_dir / "adapter" / f.name)
 
     def _load_resume_state(self) -> None:
         ckpt_dir = _latest_complete(self._output_dir / STATE_DIR)

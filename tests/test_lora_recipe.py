@@ -41,7 +41,8 @@ def test_default_run_writes_hf_checkpoint_and_resume_states(default_run):
     out, _ = default_run
     epoch = out / "epoch_0"
     assert (epoch / "model-00001-of-00001.safetensors").exists()
-    assert (epoch / "adapter_model.safetensors").exists() and (epoch / "adapter_config.json").exists()
+    assert (epoch / "adapter" / "adapter_model.safetensors").exists() and (epoch / "adapter" / "adapter_config.json").exists()
+    assert not (epoch / "adapter_config.json").exists()  # a plain HF model folder
     assert (epoch / "config.json").exists()
     states = sorted((out / "checkpoints").iterdir())
     assert states and all((p / "COMPLETE").exists() for p in states)
