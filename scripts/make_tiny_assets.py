@@ -10,9 +10,9 @@ script's output.
   by us in torchtune's chosen/rejected message format (the same user message on both sides).
   The user asks for one sentence on a topic; the *chosen* answer is a well-formed English
   sentence (subject, verb, object, place, time, drawn from word lists); the *rejected* answer is
-  the very same words in a scrambled order. Chosen and rejected have exactly the same tokens, so
-  neither length nor vocabulary gives the answer away: only word order (coherent vs incoherent)
-  does. Held-out sentences never occur in the training file.
+  the same words with two adjacent words (not the first) swapped. Chosen and rejected have
+  exactly the same tokens and the same opening word, so neither length, vocabulary nor
+  capitalization gives the answer away: only word order (coherent vs incoherent) does. Held-out sentences never occur in the training file.
 * ``tokenizer.model``: a SentencePiece BPE model (vocab 512) trained on that text, with Llama-2
   ids (unk=0, bos=1, eos=2) and byte fallback, for ``torchtune.models.llama2.llama2_tokenizer``.
 * ``model/``: a 2-layer Llama-architecture model (1.4M parameters) built with
@@ -26,6 +26,7 @@ teaches it the preference for fluent word order in a few dozen steps, and the he
 shows it generalizes to sentences it never saw.
 """
 
+import io
 import json
 import random
 import time
@@ -64,9 +65,13 @@ def make_pairs(rng: random.Random):
             continue
         seen.add(sentence)
         tokens = sentence[:-1].split()
+        # One swap of two adjacent words, never the first: both sides keep the same tokens, the
+        # same length and the same capitalized opening word, so word order is the only cue.
         scrambled = tokens[:]
         while scrambled == tokens:
-            rng.shuffle(scrambled)
+            scrambled = tokens[:]
+            i = rng.randrange(1, len(tokens) - 1)
+            scrambled[i], scrambled[i + 1] = scrambled[i + 1], scrambled[i]
         prompt = rng.choice(PROMPTS).format(t=rng.choice(TOPICS))
         rows.append({
             "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": sentence}],
@@ -81,15 +86,17 @@ def main() -> None:
     train, held_out = make_pairs(random.Random(SEED))
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
         (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = OUT / "_text.txt"
-    text.write_text("\n".join(m["content"] for r in train + held_out for k in ("chosen", "rejected") for m in r[k]))
+    # Trained from an iterator into memory: a file-based run records its input/output paths in
+    # the model, so the bytes would depend on where the repo is checked out. Identity
+    # normalization (as Llama-2's) also keeps the file small.
+    sentences = [m["content"] for r in train + held_out for k in ("chosen", "rejected") for m in r[k]]
+    buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(OUT / "tokenizer"), vocab_size=MODEL["vocab_size"], model_type="bpe",
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=MODEL["vocab_size"], model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        num_threads=1, seed_sentencepiece_size=1000000, shuffle_input_sentence=False, minloglevel=2,
+        normalization_rule_name="identity", num_threads=1, shuffle_input_sentence=False, minloglevel=2,
     )
-    text.unlink()
-    (OUT / "tokenizer.vocab").unlink()
+    (OUT / "tokenizer.model").write_bytes(buf.getvalue())
 
     torch.manual_seed(SEED)
     model = llama2(**MODEL)

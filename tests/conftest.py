@@ -48,7 +48,9 @@ def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 0, timeout:
     if nproc:
         cmd += ["--nproc_per_node", str(nproc)]
     cmd += [recipe, "--config", config, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    # PASSIVE: OpenMP threads sleep instead of spinning when they wait; with any other process on
+    # the 2 cores, spinning threads made steps ~10x slower.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
