@@ -12,7 +12,6 @@ import argparse
 import os
 import shutil
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -21,24 +20,22 @@ __all__ = ["main", "recipes_dir", "configs_dir", "list_recipes", "resolve_recipe
 FULL_MARKER = "simpo_full"
 
 
-def _bundled(package: str, checkout_dir: str) -> Path:
-    """The recipes/configs shipped in the wheel (``prefopt._recipes`` / ``prefopt._configs``),
-    or, when those are not installed (a plain checkout on ``sys.path``), the checkout's folder."""
-    try:
-        path = Path(str(resources.files(package)))
-        if path.is_dir():
-            return path
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parents[1] / checkout_dir
+def _bundled(name: str, checkout_dir: str) -> Path:
+    """The recipes/configs shipped in the wheel (``prefopt/_recipes``, ``prefopt/_configs``), or,
+    for a checkout (editable install), the checkout's top-level folder."""
+    here = Path(__file__).resolve().parent
+    installed = here / name
+    if installed.is_dir() and any(installed.iterdir()):
+        return installed
+    return here.parent / checkout_dir
 
 
 def recipes_dir() -> Path:
-    return _bundled("prefopt._recipes", "recipes")
+    return _bundled("_recipes", "recipes")
 
 
 def configs_dir() -> Path:
-    return _bundled("prefopt._configs", "configs")
+    return _bundled("_configs", "configs")
 
 
 def list_recipes() -> Dict[str, List[str]]:
