@@ -1,0 +1,130 @@
+"""Peer C: TRL's CPOTrainer with loss_type="simpo", cpo_alpha=0 (== SimPO) and a peft LoRA.
+
+    python benchmarks/_trl_cpo.py --model DIR --data train.jsonl --output-dir DIR --steps N
+        --batch-size 4 --lora-rank 8 --lora-alpha 16 --targets q_proj,v_proj
+
+Run by run_benchmark.py under benchmarks/_stepclock.py, which times the optimizer steps.
+Settings that differ from CPOConfig's defaults, to match the torchtune runs: fp32 (bf16=False),
+no gradient checkpointing, no gradient clipping (max_grad_norm=0), constant LR, logging every
+step (the torchtune recipes log every step too), no checkpoint saving.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+# peft 0.21 refuses to apply LoRA at all when torchao < 0.16 is installed (torchtune 0.6.1 pins
+# torchao 0.13): its torchao dispatcher raises ImportError instead of returning "not mine". The
+# base weights here are plain float32 tensors, which that dispatcher would decline anyway.
+import peft.tuners.lora.torchao as _peft_torchao  # noqa: E402
+
+_peft_torchao.is_torchao_available = lambda: False
+from transformers import LlamaForCausalLM
+
+try:  # TRL 1.x
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+except ImportError:  # older TRL
+    from trl import CPOConfig, CPOTrainer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.wordtok import hf_word_tokenizer  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--beta", type=float, default=2.0)
+    p.add_argument("--gamma", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-length", type=int, default=1024)
+    a = p.parse_args()
+
+    rows = []
+    with open(a.data) as f:
+        for line in f:
+            r = json.loads(line)
+            # the user message is the prompt; a leading space keeps word boundaries when TRL
+            # tokenizes prompt + answer as one string (WhitespaceSplit: same ids either way)
+            rows.append(
+                {
+                    "prompt": r["chosen"][0]["content"],
+                    "chosen": " " + r["chosen"][1]["content"],
+                    "rejected": " " + r["rejected"][1]["content"],
+                }
+            )
+    tokenizer = hf_word_tokenizer(a.vocab_size)
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    peft_config = LoraConfig(
+        r=a.lora_rank,
+        lora_alpha=a.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=a.targets.split(","),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    args = CPOConfig(
+        output_dir=a.output_dir,
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=a.beta,
+        simpo_gamma=a.gamma,
+        max_length=a.max_length,
+        per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=a.steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        optim="adamw_torch_fused",
+        max_grad_norm=0.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = CPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    # Check that TRL's tokenization gives the lengths the benchmark counts.
+    ex = trainer.train_dataset[0]
+    print(
+        "TRL row 0: chosen_input_ids",
+        len(ex["chosen_input_ids"]),
+        "rejected_input_ids",
+        len(ex["rejected_input_ids"]),
+        "prompt_input_ids",
+        len(ex["prompt_input_ids"]),
+        flush=True,
+    )
+    trainer.model.print_trainable_parameters()
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,722 @@
+#!/usr/bin/env python
+"""prefopt vs its peers: throughput and peak memory of one preference-optimization step.
+
+    .venv/bin/python benchmarks/run_benchmark.py                # LoRA + full, 2 interleaved rounds
+    .venv/bin/python benchmarks/run_benchmark.py --sweep        # + the memory sweep of the loss step
+    .venv/bin/python benchmarks/run_benchmark.py --parts sweep  # the sweep alone
+
+Everything is made locally, seeded, in --workdir (default /tmp/prefopt_bench): a Hugging Face
+Llama (~19.5M parameters: vocab 32000, hidden 256, 4 layers, 4 heads, MLP 688), a pre-tokenized
+preference data set (jsonl, chosen/rejected message lists of ``w<id>`` words; every pair has
+a P-token prompt and two R-token responses) and the tokenizer for both sides
+(benchmarks/wordtok.py). Nothing is downloaded.
+
+Runs (same model shape, data, batch size, sequence length, fp32, AdamW(fused), no clipping, no
+activation checkpointing, same number of steps), --rounds rounds of fresh processes, and within a
+round the runs of a group interleaved STEP BY STEP (A B C, B C A, C A B, ...):
+
+  LoRA r8 on q_proj/v_proj:
+    ours_lora   tune run recipes/simpo_lora_single_device.py   (SimPO)
+    tt_lora_dpo tune run lora_dpo_single_device                (torchtune 0.6.1 DPO, reference pass)
+    trl_cpo     TRL CPOTrainer loss_type=simpo cpo_alpha=0, peft LoRA (benchmarks/_trl_cpo.py)
+  full fine-tuning, one process:
+    ours_full   tune run recipes/simpo_full_distributed.py     (SimPO, FSDP2 over 1 process)
+    tt_full_dpo tune run full_dpo_distributed                  (torchtune 0.6.1 DPO, reference model)
+
+Each run is a subprocess under benchmarks/_stepclock.py: a global optimizer-step hook stamps the
+end of every optimizer step and then blocks until this launcher lets the run go on. The runs of
+a group start together; once all have taken their warm-up step(s), the launcher releases one
+run for one step at a time, so a measured step never overlaps another measured run's work, and
+a burst of load from other users of the machine lands on all tools alike instead of on whole
+runs. Step time = from the release after step i-1 to the end of step i (data loading, forward(s),
+backward, optimizer, the tool's own logging; start-up and the final save excluded). tokens/s = real tokens per step / median step time, where real
+tokens per step = pairs per step x (prompt + chosen + rejected tokens of a pair, BOS/EOS
+included), counted from the data set, the same for every tool (no padding: every pair has the
+same lengths). Peak memory = the subprocess's peak RSS (os.wait4's ru_maxrss).
+
+Writes benchmarks/results.md, results.png, results.json (and sweep.md/.png/.json with --sweep).
+"""
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import select
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.wordtok import BOS_ID, EOS_ID, FIRST_WORD_ID, PAD_ID, words  # noqa: E402
+
+MODEL_SHAPE = dict(vocab_size=32000, num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=256, intermediate_dim=688, max_seq_len=1024, norm_eps=1e-5)
+LORA = dict(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=False, apply_lora_to_output=False, lora_rank=8, lora_alpha=16, lora_dropout=0.0)
+HF_LORA_TARGETS = "q_proj,v_proj"
+
+TOOLS = {
+    # name: (part, label)
+    "ours_lora": ("lora", "ours: simpo_lora_single_device (SimPO)"),
+    "tt_lora_dpo": ("lora", "torchtune 0.6.1 lora_dpo_single_device (DPO)"),
+    "trl_cpo": ("lora", "TRL CPOTrainer, CPO-SimPO + peft LoRA"),
+    "ours_full": ("full", "ours: simpo_full_distributed, 1 process (SimPO)"),
+    "tt_full_dpo": ("full", "torchtune 0.6.1 full_dpo_distributed, 1 process (DPO)"),
+}
+# (ours, peer, min tokens/s ratio, max peak-memory ratio)
+TARGETS = [
+    ("ours_lora", "trl_cpo", 1.5, 0.5),
+    ("ours_lora", "tt_lora_dpo", 2.0, 0.4),
+    ("ours_full", "tt_full_dpo", 1.6, 0.6),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# machine and assets
+
+
+def machine_info() -> Dict[str, Any]:
+    """Date, CPU, memory, library versions. Versions come from a child process: this process
+    must not import torch (see _parent_peak_rss_gib)."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    probe = (
+        "import json, torch\n"
+        "v = {'torch': torch.__version__, 'torch_threads': torch.get_num_threads()}\n"
+        "for m in ('torchtune', 'torchao', 'transformers', 'trl', 'peft'):\n"
+        "    try:\n        v[m] = __import__(m).__version__\n"
+        "    except Exception:\n        v[m] = 'n/a'\n"
+        "print(json.dumps(v))\n"
+    )
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO)
+    versions = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": mem_gib,
+        "python": platform.python_version(),
+        **versions,
+        "loadavg_start": os.getloadavg()[0],
+    }
+
+
+def _parent_peak_rss_gib() -> float:
+    """This process's peak RSS. On Linux a child starts with its parent's ru_maxrss (it survives
+    fork + exec), so every measured run's peak RSS is at least this: keep it small."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def make_assets(wd: Path, a: argparse.Namespace) -> Dict[str, Any]:
+    """HF Llama + jsonl pairs, seeded; reused if the spec is unchanged."""
+    spec = {"shape": MODEL_SHAPE, "pairs": a.pairs, "prompt_len": a.prompt_len, "response_len": a.response_len, "seed": a.seed, "v": 1}
+    spec_file = wd / "assets_spec.json"
+    model_dir, data_file = wd / "model", wd / "data" / "train.jsonl"
+    if not (spec_file.exists() and json.loads(spec_file.read_text()) == spec and (model_dir / "model.safetensors").exists() and data_file.exists()):
+        shutil.rmtree(model_dir, ignore_errors=True)
+        subprocess.run([sys.executable, str(BENCH / "_make_model.py"), str(model_dir), str(a.seed), json.dumps(MODEL_SHAPE)], check=True, cwd=REPO)
+        rng = random.Random(a.seed)
+        v = MODEL_SHAPE["vocab_size"]
+        data_file.parent.mkdir(parents=True, exist_ok=True)
+        with data_file.open("w") as f:
+            for _ in range(a.pairs):
+                p, c, r = ([rng.randrange(FIRST_WORD_ID, v) for _ in range(n)] for n in (a.prompt_len, a.response_len, a.response_len))
+                user = {"role": "user", "content": words(p)}
+                f.write(json.dumps({"chosen": [user, {"role": "assistant", "content": words(c)}], "rejected": [user, {"role": "assistant", "content": words(r)}]}) + "\n")
+        spec_file.write_text(json.dumps(spec))
+    n_params = _count_params(model_dir)
+    # Tokens from the data, through the tokenizer the torchtune runs use (TRL's gives the same ids).
+    from benchmarks.wordtok import WordTokenizer
+
+    tok = WordTokenizer(MODEL_SHAPE["vocab_size"])
+    per_pair, fwd_per_pair = set(), set()
+    for line in data_file.read_text().splitlines():
+        r = json.loads(line)
+        prompt = 1 + len(tok.encode(r["chosen"][0]["content"], add_bos=False, add_eos=False))  # BOS + prompt
+        ch = len(tok.encode(r["chosen"][1]["content"], add_bos=False, add_eos=False)) + 1  # + EOS
+        rj = len(tok.encode(r["rejected"][1]["content"], add_bos=False, add_eos=False)) + 1
+        per_pair.add(prompt + ch + rj)
+        fwd_per_pair.add(2 * prompt + ch + rj)
+    if len(per_pair) != 1:
+        raise RuntimeError("pairs of different lengths: per-step token counts would depend on each tool's data order")
+    return {
+        "model_dir": model_dir,
+        "data_file": data_file,
+        "n_params": n_params,
+        "tokens_per_pair": per_pair.pop(),  # prompt + chosen + rejected
+        "fwd_tokens_per_pair": fwd_per_pair.pop(),  # prompt counted twice: what the model runs on
+        "seq_len": 1 + a.prompt_len + a.response_len + 1,
+    }
+
+
+def _count_params(model_dir: Path) -> int:
+    """Parameters in model.safetensors, from its JSON header (no torch in this process)."""
+    with (model_dir / "model.safetensors").open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return sum(_prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# configs
+
+
+def _common(a, assets, out_dir: Path, model: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "output_dir": str(out_dir),
+        "model": model,
+        "tokenizer": {"_component_": "benchmarks.wordtok.WordTokenizer", "vocab_size": MODEL_SHAPE["vocab_size"], "max_seq_len": None},
+        "checkpointer": {
+            "_component_": "torchtune.training.FullModelHFCheckpointer",
+            "checkpoint_dir": str(assets["model_dir"]),
+            "checkpoint_files": ["model.safetensors"],
+            "model_type": "LLAMA2",
+            "output_dir": str(out_dir),
+        },
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": a.lr, "weight_decay": 0.0, "fused": True},
+        "seed": a.seed,
+        "shuffle": True,
+        "batch_size": a.batch_size,
+        "gradient_accumulation_steps": 1,
+        "epochs": 1,
+        "max_steps_per_epoch": a.steps,
+        "device": "cpu",
+        "dtype": "fp32",
+        "compile": False,
+        "enable_activation_checkpointing": False,
+        "enable_activation_offloading": False,
+        "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out_dir / "logs")},
+        "log_every_n_steps": 1,
+        "resume_from_checkpoint": False,
+    }
+
+
+def make_config(tool: str, a, assets, out_dir: Path) -> Dict[str, Any]:
+    shape = {k: v for k, v in MODEL_SHAPE.items()}
+    lora_model = {"_component_": "torchtune.models.llama2.lora_llama2", **LORA, **shape}
+    full_model = {"_component_": "torchtune.models.llama2.llama2", **shape}
+    ours_data = {"_component_": "prefopt.data.preference_dataset", "source": "json", "data_files": str(assets["data_file"]), "split": "train"}
+    tt_data = {"_component_": "torchtune.datasets.preference_dataset", "source": "json", "data_files": str(assets["data_file"]), "split": "train"}
+    simpo = {"_component_": "prefopt.loss.SimPOLoss", "beta": a.beta, "gamma": a.gamma}
+    dpo = {"_component_": "torchtune.rlhf.loss.DPOLoss", "beta": 0.1}
+    if tool == "ours_lora":
+        cfg = _common(a, assets, out_dir, lora_model)
+        cfg.update(dataset=ours_data, loss=simpo, lr_scheduler=None, clip_grad_norm=None, log_peak_memory_stats=True,
+                   num_output_chunks=8, save_every_n_steps=None, save_adapter_weights_only=True)
+    elif tool == "tt_lora_dpo":
+        cfg = _common(a, assets, out_dir, lora_model)
+        cfg.update(dataset=tt_data, loss=dpo, log_peak_memory_stats=False, save_adapter_weights_only=True)
+    elif tool == "ours_full":
+        cfg = _common(a, assets, out_dir, full_model)
+        cfg.update(dataset=ours_data, loss=simpo, lr_scheduler=None, clip_grad_norm=None, log_peak_memory_stats=True,
+                   num_output_chunks=8, save_every_n_steps=None, optimizer_in_bwd=False)
+    elif tool == "tt_full_dpo":
+        cfg = _common(a, assets, out_dir, full_model)
+        ref = dict(cfg["checkpointer"])
+        cfg.update(dataset=tt_data, loss=dpo, ref_checkpointer=ref, log_peak_memory_stats=False, optimizer_in_bwd=False,
+                   # a required key of this recipe: a constant schedule (no warm-up) like the others
+                   lr_scheduler={"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup", "num_warmup_steps": 0})
+    else:
+        raise ValueError(tool)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool_command(tool: str, a, assets, run_dir: Path) -> List[str]:
+    if tool == "trl_cpo":
+        return ["script", str(BENCH / "_trl_cpo.py"), "--model", str(assets["model_dir"]), "--data", str(assets["data_file"]),
+                "--output-dir", str(run_dir / "out"), "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+                "--lora-rank", str(LORA["lora_rank"]), "--lora-alpha", str(LORA["lora_alpha"]), "--targets", HF_LORA_TARGETS,
+                "--vocab-size", str(MODEL_SHAPE["vocab_size"]), "--beta", str(a.beta), "--gamma", str(a.gamma), "--lr", str(a.lr)]
+    from omegaconf import OmegaConf
+
+    cfg = make_config(tool, a, assets, run_dir / "out")
+    cfg_path = run_dir / "config.yaml"
+    OmegaConf.save(OmegaConf.create(cfg), cfg_path)
+    recipe = {
+        "ours_lora": "recipes/simpo_lora_single_device.py",
+        "tt_lora_dpo": "lora_dpo_single_device",
+        "ours_full": "recipes/simpo_full_distributed.py",
+        "tt_full_dpo": "full_dpo_distributed",
+    }[tool]
+    return ["tune", "run", recipe, "--config", str(cfg_path)]
+
+
+class _Run:
+    """One measured run: a subprocess under benchmarks/_stepclock.py in lockstep mode."""
+
+    def __init__(self, tool: str, rnd: int, a, assets, wd: Path) -> None:
+        self.tool, self.rnd = tool, rnd
+        self.run_dir = wd / "runs" / f"{tool}_r{rnd}"
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        self.clock = self.run_dir / "steps.json"
+        cmd = [sys.executable, "-m", "benchmarks._stepclock", "--out", str(self.clock)]
+        if a.threads:
+            cmd += ["--threads", str(a.threads)]
+        if tool == "tt_full_dpo":
+            cmd += ["--cpu-shims"]
+        cmd += ["--"] + tool_command(tool, a, assets, self.run_dir)
+        ctrl_r, self.ctrl_w = os.pipe()
+        self.status_r, status_w = os.pipe()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false",
+                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   HF_DATASETS_CACHE=str(wd / "hf_datasets_cache"), STEPCLOCK_CTRL_FD=str(ctrl_r), STEPCLOCK_STATUS_FD=str(status_w))
+        if TOOLS[tool][0] == "full":
+            # one-process "distributed" run: torchtune's full_dpo_distributed requires launcher env
+            # variables (training.is_distributed()); ours works without, and gets the same ones
+            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        self.log_path = self.run_dir / "stdout.log"
+        self.floor = _parent_peak_rss_gib()
+        self.t0 = time.perf_counter()
+        with self.log_path.open("w") as log_f:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT, pass_fds=(ctrl_r, status_w))
+        os.close(ctrl_r)
+        os.close(status_w)
+        self.steps_done = 0
+        self.rusage = None
+        self.status = None
+        self.error: Optional[str] = None
+        self._buf = b""
+
+    def wait_step(self, timeout: float) -> bool:
+        """Wait until the run reports its next optimizer step; False if it died or timed out."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.error = f"no optimizer step within {timeout:.0f}s"
+                return False
+            ready, _, _ = select.select([self.status_r], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(self.status_r, 64)
+                if not chunk:  # the run closed its end: it exited
+                    self.error = self.error or "exited before its last step"
+                    return False
+                self._buf += chunk
+        _, self._buf = self._buf.split(b"\n", 1)
+        self.steps_done += 1
+        return True
+
+    def go(self) -> None:
+        try:
+            os.write(self.ctrl_w, b"g")
+        except OSError:
+            pass
+
+    def finish(self, timeout: float) -> None:
+        """Let the run go on to its end (final save, exit) and collect its peak RSS."""
+        try:
+            os.close(self.ctrl_w)  # EOF: the hook stops waiting from now on
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, rusage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                self.status, self.rusage = status, rusage
+                break
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                _, self.status, self.rusage = os.wait4(self.proc.pid, 0)
+                self.error = self.error or "timeout"
+                break
+            time.sleep(0.2)
+        os.close(self.status_r)
+
+    def result(self, a) -> Dict[str, Any]:
+        rc = os.waitstatus_to_exitcode(self.status)
+        res: Dict[str, Any] = {"tool": self.tool, "round": self.rnd, "wall_s": time.perf_counter() - self.t0, "rc": rc,
+                               "peak_rss_gib": self.rusage.ru_maxrss / 2**20, "log": str(self.log_path), "launcher_peak_rss_gib": self.floor}
+        if res["peak_rss_gib"] <= 1.02 * self.floor:
+            print(f"WARNING: {self.tool}'s peak RSS {res['peak_rss_gib']:.2f} GiB is at the launcher's own {self.floor:.2f} GiB: "
+                  "it may be the inherited value, not the run's", flush=True)
+        if self.error is None and rc != 0:
+            self.error = f"exit code {rc}"
+        if self.error is None and not self.clock.exists():
+            self.error = "no steps.json"
+        if self.error is not None:
+            res["error"] = self.error
+            res["log_tail"] = self.log_path.read_text()[-3000:]
+            return res
+        c = json.loads(self.clock.read_text())
+        ends, gos = c["step_end_times"], c["step_go_times"]
+        res["n_steps"] = len(ends)
+        if len(ends) != a.steps:
+            res["error"] = f"{len(ends)} optimizer steps, expected {a.steps}"
+            res["log_tail"] = self.log_path.read_text()[-3000:]
+            return res
+        # step i runs from the release after step i-1 to the end of step i
+        res["step_s"] = [ends[i] - gos[i - 1] for i in range(a.warmup, len(ends))]
+        cpu_end, cpu_go = c["step_end_cpu_times"], c["step_go_cpu_times"]
+        res["step_cpu_s"] = [cpu_end[i] - cpu_go[i - 1] for i in range(a.warmup, len(ends))]
+        res["median_step_s"] = statistics.median(res["step_s"])
+        res["median_step_cpu_s"] = statistics.median(res["step_cpu_s"])
+        res["startup_s"] = ends[0] - c["t_start"]  # start-up + the first step, concurrent with the other runs' start-up
+        res["train_peak_rss_gib"] = c["maxrss_kib_at_steps"][-1] / 2**20
+        res["torch_threads"] = c["torch_num_threads"]
+        return res
+
+
+def run_group(tools: List[str], rnd: int, a, assets, wd: Path) -> List[Dict[str, Any]]:
+    """Start the runs of `tools` together, wait until each has taken its warm-up step(s), then
+    release them ONE STEP AT A TIME in rotating order (A B C, B C A, C A B, ...): every measured
+    step runs while the other runs of the group sit blocked, and steps of different tools are
+    seconds apart, so load from other users of the machine hits all tools alike."""
+    runs = [_Run(t, rnd, a, assets, wd) for t in tools]
+    for r in runs:  # start-up + warm-up step(s), concurrently (not measured)
+        for _ in range(a.warmup):
+            if r.error is None and r.steps_done < a.warmup:
+                if not r.wait_step(a.run_timeout):
+                    break
+                if r.steps_done < a.warmup:
+                    r.go()
+    for k in range(a.warmup, a.steps):
+        order = runs[k % len(runs):] + runs[: k % len(runs)]
+        for r in order:
+            if r.error is None:
+                r.go()
+                r.wait_step(a.run_timeout)
+    for r in runs:
+        r.finish(a.run_timeout)
+    return [r.result(a) for r in runs]
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+
+
+def summarize(results: List[Dict[str, Any]], assets, a) -> Dict[str, Dict[str, Any]]:
+    tokens_per_step = a.batch_size * assets["tokens_per_pair"]
+    out = {}
+    for tool in TOOLS:
+        rs = [r for r in results if r["tool"] == tool]
+        if not rs:
+            continue
+        ok = [r for r in rs if "error" not in r]
+        s: Dict[str, Any] = {"tool": tool, "label": TOOLS[tool][1], "runs": len(rs), "ok_runs": len(ok)}
+        if ok:
+            steps = [d for r in ok for d in r["step_s"]]
+            s["median_step_s"] = statistics.median(steps)
+            s["min_step_s"] = min(steps)
+            s["median_step_cpu_s"] = statistics.median(d for r in ok for d in r["step_cpu_s"])
+            s["round_median_step_s"] = [r["median_step_s"] for r in ok]
+            s["tokens_per_s"] = tokens_per_step / s["median_step_s"]
+            s["round_tokens_per_s"] = [tokens_per_step / m for m in s["round_median_step_s"]]
+            s["peak_rss_gib"] = statistics.median(r["peak_rss_gib"] for r in ok)
+            s["round_peak_rss_gib"] = [r["peak_rss_gib"] for r in ok]
+            s["train_peak_rss_gib"] = statistics.median(r["train_peak_rss_gib"] for r in ok)
+            s["startup_s"] = statistics.median(r["startup_s"] for r in ok)
+        else:
+            s["error"] = rs[0].get("error")
+        out[tool] = s
+    return out
+
+
+def ratios(summary) -> List[Dict[str, Any]]:
+    rows = []
+    for ours, peer, tps_min, mem_max in TARGETS:
+        if ours not in summary or peer not in summary:
+            continue
+        o, p = summary[ours], summary[peer]
+        if "tokens_per_s" not in o or "tokens_per_s" not in p:
+            rows.append({"ours": ours, "peer": peer, "skipped": o.get("error") or p.get("error")})
+            continue
+        tps = o["tokens_per_s"] / p["tokens_per_s"]
+        cpu_ratio = p["median_step_cpu_s"] / o["median_step_cpu_s"]
+        min_ratio = p["min_step_s"] / o["min_step_s"]
+        mem = o["peak_rss_gib"] / p["peak_rss_gib"]
+        # per-round ratios (round k of ours vs round k of the peer): the spread of the noise
+        tps_r = [x / y for x, y in zip(o["round_tokens_per_s"], p["round_tokens_per_s"])]
+        rows.append({"ours": ours, "peer": peer, "tps_ratio": tps, "tps_target": tps_min, "tps_met": tps >= tps_min,
+                     "tps_ratio_rounds": tps_r, "cpu_time_ratio": cpu_ratio, "min_step_ratio": min_ratio, "mem_ratio": mem, "mem_target": mem_max, "mem_met": mem <= mem_max,
+                     "train_mem_ratio": o["train_peak_rss_gib"] / p["train_peak_rss_gib"]})
+    return rows
+
+
+def write_report(summary, rat, machine, assets, a, skipped: Dict[str, str], wall_s: float, cmdline: str) -> None:
+    tps_step = a.batch_size * assets["tokens_per_pair"]
+    L = []
+    L.append("# prefopt vs peers: benchmark results\n")
+    L.append(f"- **Date**: {machine['date']}  ")
+    L.append(f"- **Machine**: {machine['nproc']} CPUs ({machine['cpu']}), {machine['mem_gib']} GiB RAM, no GPU; "
+             f"torch {machine['torch']} ({machine['torch_threads']} threads), torchtune {machine['torchtune']}, "
+             f"transformers {machine['transformers']}, TRL {machine['trl']}, peft {machine['peft']}; "
+             f"load average {machine['loadavg_start']:.1f} at start, {machine['loadavg_end']:.1f} at end (shared machine)  ")
+    L.append(f"- **Command**: `{cmdline}` ({wall_s / 60:.1f} min)  ")
+    L.append(f"- **Model**: HF Llama, {assets['n_params'] / 1e6:.2f}M parameters (vocab {MODEL_SHAPE['vocab_size']}, hidden "
+             f"{MODEL_SHAPE['embed_dim']}, {MODEL_SHAPE['num_layers']} layers, {MODEL_SHAPE['num_heads']} heads, MLP "
+             f"{MODEL_SHAPE['intermediate_dim']}), fp32; LoRA r{LORA['lora_rank']}/alpha {LORA['lora_alpha']} on q_proj, v_proj  ")
+    L.append(f"- **Data**: {a.pairs} pairs, prompt {a.prompt_len}+1 (BOS), responses {a.response_len}+1 (EOS) tokens; sequences "
+             f"of {assets['seq_len']} tokens, no padding; batch {a.batch_size} pairs = {tps_step} real tokens per step "
+             f"(prompt + chosen + rejected; the model runs on {a.batch_size * assets['fwd_tokens_per_pair']}, prompt twice)  ")
+    L.append(f"- **Steps**: {a.steps} per run, the first {a.warmup} dropped as warm-up; {a.rounds} rounds of fresh processes; in "
+             "a round the runs of a group (LoRA, full) take their steps in lockstep, one run at a time, in rotating order "
+             "(A B C, B C A, ...); step time = from the release after step i-1 to the end of optimizer step i (global optimizer "
+             "hook, benchmarks/_stepclock.py); medians over all measured steps of both rounds  ")
+    L.append("")
+    L.append("| run | median step (s) | per-round medians (s) | fastest step (s) | CPU-s per step | tokens/s | peak RSS (GiB) | peak RSS in training (GiB) | start-up + step 1 (s) |")
+    L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for tool, s in summary.items():
+        if "tokens_per_s" not in s:
+            L.append(f"| {s['label']} | failed: {s.get('error')} | | | | | | | |")
+            continue
+        L.append(f"| {s['label']} | {s['median_step_s']:.2f} | {', '.join(f'{x:.2f}' for x in s['round_median_step_s'])} | "
+                 f"{s['min_step_s']:.2f} | {s['median_step_cpu_s']:.2f} | {s['tokens_per_s']:.0f} | {s['peak_rss_gib']:.2f} | {s['train_peak_rss_gib']:.2f} | {s['startup_s']:.1f} |")
+    for tool, why in skipped.items():
+        L.append(f"| {TOOLS[tool][1]} | skipped: {why} | | | | | | | |")
+    L.append("")
+    L.append("| ours vs peer | tokens/s ratio (target) | per round | fastest-step ratio | CPU-time ratio | peak RSS ratio (target) | training-peak ratio | met? |")
+    L.append("|---|---:|---|---:|---:|---:|---:|---|")
+    for r in rat:
+        if "skipped" in r:
+            L.append(f"| {r['ours']} vs {r['peer']} | n/a | | | | n/a | | not measured: {r['skipped']} |")
+            continue
+        met = f"tokens/s {'yes' if r['tps_met'] else 'NO'}, memory {'yes' if r['mem_met'] else 'NO'}"
+        L.append(f"| {r['ours']} vs {r['peer']} | **{r['tps_ratio']:.2f}x** (>= {r['tps_target']}x) | "
+                 f"{', '.join(f'{x:.2f}' for x in r['tps_ratio_rounds'])} | {r['min_step_ratio']:.2f}x | {r['cpu_time_ratio']:.2f}x | **{r['mem_ratio']:.2f}x** (<= {r['mem_target']}x) | "
+                 f"{r['train_mem_ratio']:.2f}x | {met} |")
+    L.append("")
+    L.append("tokens/s ratio = ours / peer from the median step times (the target metric); fastest-step ratio = peer's "
+             "fastest step / ours; CPU-time ratio = peer's median CPU seconds (user + system, all threads) per step / ours: "
+             "the two are less exposed to other users of a shared machine than the medians.  ")
+    L.append("Peak RSS = the run's whole process (os.wait4 ru_maxrss: imports, model load, training, final save); "
+             "'in training' = ru_maxrss at the last optimizer step. Raw numbers: results.json; logs and configs: "
+             f"{a.workdir}/runs/.")
+    (a.out_dir / "results.md").write_text("\n".join(L) + "\n")
+    (a.out_dir / "results.json").write_text(json.dumps({"machine": machine, "summary": summary, "ratios": rat, "skipped": skipped,
+                                                         "assets": {k: str(v) for k, v in assets.items()}, "args": {k: str(v) for k, v in vars(a).items()}}, indent=1))
+    plot(summary, machine, a)
+
+
+def plot(summary, machine, a) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tools = [t for t in summary if "tokens_per_s" in summary[t]]
+    if not tools:
+        return
+    colors = {"ours_lora": "#1f77b4", "ours_full": "#1f77b4", "tt_lora_dpo": "#ff7f0e", "tt_full_dpo": "#ff7f0e", "trl_cpo": "#2ca02c"}
+    short = {"ours_lora": "ours\nLoRA", "tt_lora_dpo": "torchtune\nLoRA DPO", "trl_cpo": "TRL CPO-SimPO\nLoRA",
+             "ours_full": "ours\nfull", "tt_full_dpo": "torchtune\nfull DPO"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"), (axes[1], "peak_rss_gib", "peak RSS, GiB (lower is better)")):
+        vals = [summary[t][key] for t in tools]
+        bars = ax.bar(range(len(tools)), vals, color=[colors[t] for t in tools])
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}" if key == "tokens_per_s" else f"{v:.2f}", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(range(len(tools)), [short[t] for t in tools], fontsize=8)
+        ax.set_title(title)
+    fig.suptitle(f"prefopt vs peers, {machine['date']}: {machine['nproc']} CPUs ({machine['cpu']}), torch {machine['torch']}; "
+                 f"batch {a.batch_size} pairs, seq {1 + a.prompt_len + a.response_len + 1}, fp32", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(a.out_dir / "results.png", dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory sweep
+
+
+def run_sweep(a, machine) -> None:
+    points = [(s, v) for v in a.sweep_vocab for s in a.sweep_seq]
+    rows = []
+    for seq, vocab in points:
+        for mode in ("ours", "naive"):
+            cmd = [sys.executable, str(BENCH / "_sweep_point.py"), "--mode", mode, "--seq", str(seq), "--vocab", str(vocab),
+                   "--batch-size", str(a.batch_size), "--chunks", "8"]
+            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+            if p.returncode != 0:
+                rows.append({"mode": mode, "seq": seq, "vocab": vocab, "error": p.stderr[-2000:]})
+                print(f"  sweep {mode} seq={seq} vocab={vocab}: FAILED\n{p.stderr[-2000:]}", flush=True)
+                continue
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(f"  sweep {mode:5s} seq={seq:5d} vocab={vocab:6d}: step peak +{r['step_delta_gib']:.3f} GiB "
+                  f"(process {r['peak_rss_gib']:.2f} GiB)", flush=True)
+    _write_sweep(rows, machine, a)
+
+
+def _write_sweep(rows, machine, a) -> None:
+    L = ["# Memory sweep: our SimPO loss step vs the naive log_softmax-gather path\n"]
+    L.append(f"{machine['date']}; {machine['nproc']} CPUs ({machine['cpu']}), torch {machine['torch']}. One fresh process per "
+             f"point; model = the benchmark's LoRA Llama (hidden 256, 4 layers, LoRA r8 q/v, fp32) with the given vocab; "
+             f"batch {a.batch_size} pairs = {2 * a.batch_size} sequences of the given length, half prompt half response. "
+             "'step' = peak RSS during one forward + log-probs + SimPO loss + backward minus the RSS before it; "
+             "B*S*V*4 = one float32 [batch, seq, vocab] tensor, for scale.\n")
+    L.append("| seq | vocab | B*S*V*4 (GiB) | ours: step (GiB) | naive: step (GiB) | ours / naive | ours: step time (s) | naive: step time (s) |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    by = {}
+    for r in rows:
+        by[(r["seq"], r["vocab"], r["mode"])] = r
+    for seq in a.sweep_seq:
+        for vocab in a.sweep_vocab:
+            o, n = by.get((seq, vocab, "ours"), {}), by.get((seq, vocab, "naive"), {})
+            bsv = 2 * a.batch_size * seq * vocab * 4 / 2**30
+            if "step_delta_gib" not in o or "step_delta_gib" not in n:
+                L.append(f"| {seq} | {vocab} | {bsv:.3f} | {o.get('step_delta_gib', 'failed')} | {n.get('step_delta_gib', 'failed')} | | | |")
+                continue
+            L.append(f"| {seq} | {vocab} | {bsv:.3f} | {o['step_delta_gib']:.3f} | {n['step_delta_gib']:.3f} | "
+                     f"{o['step_delta_gib'] / n['step_delta_gib']:.2f} | {o['step_s']:.2f} | {n['step_s']:.2f} |")
+    (a.out_dir / "sweep.md").write_text("\n".join(L) + "\n")
+    (a.out_dir / "sweep.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(a.sweep_vocab), figsize=(4.2 * len(a.sweep_vocab), 3.8), squeeze=False)
+    for ax, vocab in zip(axes[0], a.sweep_vocab):
+        for mode, style in (("ours", "o-"), ("naive", "s--")):
+            pts = [(s, by[(s, vocab, mode)]["step_delta_gib"]) for s in a.sweep_seq if "step_delta_gib" in by.get((s, vocab, mode), {})]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mode)
+        ax.plot(a.sweep_seq, [2 * a.batch_size * s * vocab * 4 / 2**30 for s in a.sweep_seq], ":", color="gray", label="B*S*V fp32")
+        ax.set_title(f"vocab {vocab}", fontsize=9)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("step peak RSS increase (GiB)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"loss-step memory, {machine['date']}, {machine['nproc']} CPUs ({machine['cpu']}), torch {machine['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(a.out_dir / "sweep.png", dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def full_recipe_problem() -> Optional[str]:
+    """Why our full recipe cannot be benchmarked (None if it can be tried)."""
+    path = REPO / "recipes" / "simpo_full_distributed.py"
+    if not path.exists():
+        return f"{path.relative_to(REPO)} does not exist yet"
+    p = subprocess.run([sys.executable, "-c", "import recipes.simpo_full_distributed as m; m.SimPORecipeDistributed"],
+                       cwd=REPO, capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"{path.relative_to(REPO)} does not import: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/prefopt_bench"))
+    p.add_argument("--out-dir", type=Path, default=BENCH, help="where results.md/.png/.json go")
+    p.add_argument("--parts", default="lora,full", help="comma list of lora, full, sweep")
+    p.add_argument("--sweep", action="store_true", help="add the memory sweep to --parts")
+    p.add_argument("--tools", default=None, help="comma list: only these runs (" + ", ".join(TOOLS) + ")")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=7, help="optimizer steps per run, warm-up included")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=190)
+    p.add_argument("--response-len", type=int, default=190)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=2.0)
+    p.add_argument("--gamma", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every run (default: torch's)")
+    p.add_argument("--run-timeout", type=int, default=600)
+    p.add_argument("--sweep-seq", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512, 1024, 2048])
+    p.add_argument("--sweep-vocab", type=lambda s: [int(x) for x in s.split(",")], default=[32000, 128256])
+    a = p.parse_args()
+    parts = set(a.parts.split(",")) | ({"sweep"} if a.sweep else set())
+    if a.steps <= a.warmup + 1:
+        p.error("--steps must exceed --warmup + 1")
+    if a.pairs < a.steps * a.batch_size:
+        a.pairs = a.steps * a.batch_size
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    cmdline = " ".join([".venv/bin/python", "benchmarks/run_benchmark.py"] + sys.argv[1:])
+    t_all = time.perf_counter()
+    machine = machine_info()
+    print(f"machine: {machine}", flush=True)
+
+    tools = [t for t, (part, _) in TOOLS.items() if part in parts and (a.tools is None or t in a.tools.split(","))]
+    skipped: Dict[str, str] = {}
+    if "full" in parts:
+        why = full_recipe_problem()
+        if why:
+            print(f"SKIPPING the full fine-tuning comparison: {why}", flush=True)
+            for t in ("ours_full", "tt_full_dpo"):
+                skipped[t] = why
+            tools = [t for t in tools if TOOLS[t][0] != "full"]
+    if tools:
+        assets = make_assets(a.workdir, a)
+        print(f"assets: {assets['n_params'] / 1e6:.2f}M-parameter Llama, {a.pairs} pairs of {assets['tokens_per_pair']} tokens "
+              f"(prompt + chosen + rejected), {a.batch_size * assets['tokens_per_pair']} tokens per step", flush=True)
+        results = []
+        groups = [[t for t in tools if TOOLS[t][0] == part] for part in ("lora", "full")]
+        for rnd in range(a.rounds):
+            for group in groups:
+                if not group:
+                    continue
+                print(f"[round {rnd}] running {', '.join(group)} in lockstep ...", flush=True)
+                for r in run_group(group, rnd, a, assets, a.workdir):
+                    results.append(r)
+                    tool = r["tool"]
+                    if "error" in r:
+                        print(f"[round {rnd}] {tool}: FAILED ({r['error']}), log {r['log']}\n{r['log_tail'][-1500:]}", flush=True)
+                        if tool == "ours_full":
+                            # our full recipe may still be in progress: skip the pair, say why
+                            skipped.setdefault("ours_full", f"run failed ({r['error']}), see {r['log']}")
+                    else:
+                        print(f"[round {rnd}] {tool}: median step {r['median_step_s']:.2f}s (CPU {r['median_step_cpu_s']:.2f}s), "
+                              f"{a.batch_size * assets['tokens_per_pair'] / r['median_step_s']:.0f} tokens/s, peak RSS {r['peak_rss_gib']:.2f} GiB "
+                              f"(training {r['train_peak_rss_gib']:.2f}), wall {r['wall_s']:.0f}s", flush=True)
+        (a.workdir / "raw_results.json").write_text(json.dumps(results, indent=1))
+        summary = summarize(results, assets, a)
+        rat = ratios(summary)
+        machine["loadavg_end"] = os.getloadavg()[0]
+        write_report(summary, rat, machine, assets, a, {k: v for k, v in skipped.items() if k not in summary}, time.perf_counter() - t_all, cmdline)
+        print((a.out_dir / "results.md").read_text(), flush=True)
+    if "sweep" in parts:
+        run_sweep(a, machine)
+        print((a.out_dir / "sweep.md").read_text(), flush=True)
+    print(f"total wall time {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
