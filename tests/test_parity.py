@@ -628,7 +628,7 @@ LONG_ANSWER = "The wallet was in the garage, but Hugo moved it to the garden, so
 MAX_LEN, MAX_PROMPT = 32, 16
 SINGLE_TURN = {
     "fits": chat("Where are the keys?", "The keys are in the garden.", "No."),
-    "long_prompt": chat(LUCY + " " + HUGO, "You will find the wallet in the garden.", "In the garage."),
+    "long_prompt": chat(LUCY + " " + HUGO, "In the garden.", "In the garage."),
     "long_response": chat("Where are the keys?", LONG_ANSWER, "In the garage."),
     "both_long": chat(LUCY + " " + HUGO, LONG_ANSWER, "In the garage."),
 }
