@@ -40,8 +40,12 @@ _STATUS_FD = int(os.environ["STEPCLOCK_STATUS_FD"]) if "STEPCLOCK_STATUS_FD" in 
 def _hook(optimizer, args, kwargs):
     _STEPS.append((time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     if _CTRL_FD is not None:
-        os.write(_STATUS_FD, f"{len(_STEPS)}\n".encode())
-        if not os.read(_CTRL_FD, 1):  # launcher gone: run free
+        try:
+            os.write(_STATUS_FD, f"{len(_STEPS)}\n".encode())
+            go = os.read(_CTRL_FD, 1)
+        except OSError:  # launcher gone
+            go = b""
+        if not go:  # launcher gone or done with us: run free to the end
             globals()["_CTRL_FD"] = None
         _GO.append((time.perf_counter(), time.process_time()))
 

@@ -696,6 +696,7 @@ def main() -> None:
                 print(f"[round {rnd}] running {', '.join(group)} in lockstep ...", flush=True)
                 for r in run_group(group, rnd, a, assets, a.workdir):
                     results.append(r)
+                    (a.workdir / "raw_results.json").write_text(json.dumps(results, indent=1))  # partial results survive a crash
                     tool = r["tool"]
                     if "error" in r:
                         print(f"[round {rnd}] {tool}: FAILED ({r['error']}), log {r['log']}\n{r['log_tail'][-1500:]}", flush=True)
