@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="pairs")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ac", action="store_true", help="activation checkpointing of every decoder layer (torchtune's)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -44,6 +45,10 @@ def main() -> None:
     prompt = (a.seq - 2) // 2
     tokens, labels = make_batch(a.batch_size, prompt, a.seq - 2 - prompt, a.vocab)
     model = build_model(a.vocab, lora=True)
+    if a.ac:
+        from torchtune import modules, training
+
+        training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
     lf = loss_fn()
     gc.collect()
     before = rss_now_kib()
@@ -53,7 +58,7 @@ def main() -> None:
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
-        "mode": a.mode, "seq": a.seq, "vocab": a.vocab, "batch_pairs": a.batch_size, "chunks": a.chunks,
+        "mode": a.mode + ("+ac" if a.ac else ""), "seq": a.seq, "vocab": a.vocab, "batch_pairs": a.batch_size, "chunks": a.chunks,
         "rss_before_gib": before / 2**20, "peak_before_gib": peak_before / 2**20, "peak_rss_gib": peak / 2**20,
         "step_delta_gib": (peak - before) / 2**20, "step_s": dt,
     }))

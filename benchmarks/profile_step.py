@@ -98,15 +98,18 @@ def main() -> None:
     p.add_argument("--threads-compare", action="store_true", help="also time `ours` with 1 thread")
     p.add_argument("--compile", action="store_true", help="also time `ours` with torch.compile on each decoder layer")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--ac-variants", default="fused,response_only_ce", help="also time these with activation checkpointing")
+    p.add_argument("--full", action="store_true", help="full fine-tuning: every weight trainable, AdamW over all")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks")
     a = p.parse_args()
     variants = a.variants.split(",")
     # 3. (first) memory, fresh process per variant
     mem = {}
-    if not a.no_memory:
-        for v in variants:
-            out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "_sweep_point.py"), "--mode", v, "--seq", str(PROMPT + RESP + 2),
-                                  "--vocab", str(VOCAB), "--batch-size", str(PAIRS)], capture_output=True, text=True, cwd=REPO)
+    if not a.no_memory and not a.full:
+        for v in variants + ["fused+ac", "ours+ac"]:
+            extra = ["--ac"] if v.endswith("+ac") else []
+            out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "_sweep_point.py"), "--mode", v.replace("+ac", ""), "--seq", str(PROMPT + RESP + 2),
+                                  "--vocab", str(VOCAB), "--batch-size", str(PAIRS)] + extra, capture_output=True, text=True, cwd=REPO)
             if out.returncode == 0:
                 mem[v] = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"memory {v}: +{mem[v]['step_delta_gib']:.3f} GiB", flush=True)
@@ -121,7 +124,7 @@ def main() -> None:
     n_threads = torch.get_num_threads()
 
     tokens, labels = make_batch(PAIRS, PROMPT, RESP, VOCAB)
-    model = build_model(VOCAB, lora=True)
+    model = build_model(VOCAB, lora=not a.full)
     lf = loss_fn()
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
@@ -154,8 +157,13 @@ def main() -> None:
         timed.append("ours@1thread")
     if a.compile:
         timed.append("ours+compile")
+    ac_variants = [v for v in a.ac_variants.split(",") if v] if a.ac_variants else []
+    timed += [f"{v}+ac" for v in ac_variants]
+    ac_model = None
     compiled = None
+    compile_s = None
     times = defaultdict(list)
+    cpu_times = defaultdict(list)
     for r in range(a.rounds):
         for v in timed:
             m = model
@@ -166,26 +174,43 @@ def main() -> None:
                     compiled = build_model(VOCAB, lora=True)
                     training.compile_model(compiled)
                     t0 = time.perf_counter()
-                    run_step("ours", compiled, tokens, labels, lf)  # compiles
+                    try:
+                        run_step("ours", compiled, tokens, labels, lf)  # compiles
+                    except Exception as e:  # noqa: BLE001
+                        print(f"torch.compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        timed.remove(v)
+                        compiled = False
+                        continue
                     compiled.zero_grad(set_to_none=True)
-                    print(f"compile + first step: {time.perf_counter() - t0:.1f}s", flush=True)
+                    compile_s = time.perf_counter() - t0
+                    print(f"compile + first step: {compile_s:.1f}s", flush=True)
+                if compiled is False:
+                    continue
                 m = compiled
+            if v.endswith("+ac"):
+                if ac_model is None:
+                    from torchtune import modules, training
+
+                    ac_model = build_model(VOCAB, lora=not a.full)
+                    training.set_activation_checkpointing(ac_model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+                m = ac_model
             if v == "ours@1thread":
                 torch.set_num_threads(1)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run_step(v.split("@")[0].split("+")[0], m, tokens, labels, lf)
-            opt.step() if m is model else None
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             m.zero_grad(set_to_none=True)
             torch.set_num_threads(n_threads)
             times[v].append(dt)
-            print(f"round {r} {v}: {dt:.2f}s", flush=True)
+            cpu_times[v].append(dc)
+            print(f"round {r} {v}: {dt:.2f}s (CPU {dc:.2f}s)", flush=True)
     med = {v: statistics.median(ts) for v, ts in times.items()}
+    med_cpu = {v: statistics.median(ts) for v, ts in cpu_times.items()}
 
-    write(a, phases, cats, ops, med, times, check, mem, n_threads)
+    write(a, phases, cats, ops, med, med_cpu, times, check, mem, n_threads, compile_s)
 
 
-def write(a, phases, cats, ops, med, times, check, mem, n_threads) -> None:
+def write(a, phases, cats, ops, med, med_cpu, times, check, mem, n_threads, compile_s) -> None:
     import datetime as _dt
 
     import torch
@@ -196,10 +221,10 @@ def write(a, phases, cats, ops, med, times, check, mem, n_threads) -> None:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    L = ["# Profile of our SimPO LoRA step\n"]
+    L = [f"# Profile of our SimPO {'full fine-tuning' if a.full else 'LoRA'} step\n"]
     L.append(f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; {os.cpu_count()} CPUs ({cpu}), torch "
              f"{torch.__version__}, {n_threads} threads, load average {os.getloadavg()[0]:.1f} (shared machine). Shapes of "
-             f"run_benchmark.py: LoRA r8 q/v Llama (vocab {VOCAB}, hidden 256, 4 layers), fp32, {PAIRS} pairs = {2 * PAIRS} "
+             f"run_benchmark.py: {'all weights trainable, AdamW over all' if a.full else 'LoRA r8 q/v'} Llama (vocab {VOCAB}, hidden 256, 4 layers), fp32, {PAIRS} pairs = {2 * PAIRS} "
              f"sequences of {PROMPT + RESP + 2} tokens ({PROMPT + 1} prompt).\n")
     L.append("## Where the time goes (torch.profiler, one step of the recipe's path, self CPU time)\n")
     L.append("| phase | wall (s) |\n|---|---:|")
@@ -212,20 +237,25 @@ def write(a, phases, cats, ops, med, times, check, mem, n_threads) -> None:
     for o in ops[:15]:
         L.append(f"| {o['op']} | `{o['shapes']}` | {o['calls']} | {o['self_ms']:.0f} | {o['cat']} |")
     L.append("\n## Variants (benchmarks/_steps.py): step wall time, interleaved, and memory\n")
-    L.append("Step = forward + log-probs + SimPO loss + backward (+ the AdamW step for the eager variants). "
+    L.append("Step = forward + log-probs + SimPO loss + backward (the optimizer step, the same for every variant, is in the "
+             "phase table above). "
              "Memory = peak-RSS increase of one step in a fresh process.\n")
-    L.append("| variant | median step (s) | all rounds (s) | vs ours | step memory (GiB) | loss diff vs ours | max rel. grad diff |")
-    L.append("|---|---:|---|---:|---:|---:|---:|")
-    base = med.get("ours")
+    L.append("| variant | median step (s) | all rounds (s) | speed-up vs ours (wall) | median CPU-s | speed-up vs ours (CPU) | step memory (GiB) | loss diff vs ours | max rel. grad diff |")
+    L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    base, base_cpu = med.get("ours"), med_cpu.get("ours")
     for v, m in med.items():
-        key = v.split("@")[0].split("+")[0]
         mm = mem.get(v, {}).get("step_delta_gib")
         c = check.get(v, {})
-        L.append(f"| {v} | {m:.2f} | {', '.join(f'{t:.2f}' for t in times[v])} | {base / m:.2f}x faster | "
-                 f"{'' if mm is None else f'{mm:.3f}'} | {c.get('loss_abs_diff', 0):.1e} | {c.get('grad_max_rel_diff', 0):.1e} |"
-                 if base else f"| {v} | {m:.2f} | | | | | |")
-    (a.out_dir / "profile.md").write_text("\n".join(L) + "\n")
-    (a.out_dir / "profile.json").write_text(json.dumps({"phases": phases, "categories_us": cats, "top_ops": ops[:40], "median_step_s": med,
+        L.append(f"| {v} | {m:.2f} | {', '.join(f'{t:.2f}' for t in times[v])} | {base / m:.2f}x | {med_cpu[v]:.2f} | {base_cpu / med_cpu[v]:.2f}x | "
+                 f"{'' if mm is None else f'{mm:.3f}'} | {c.get('loss_abs_diff', 0):.1e} | {c.get('grad_max_rel_diff', 0):.1e} |")
+    for v, r in mem.items():
+        if v not in med:
+            L.append(f"| {v} | | | | | | {r['step_delta_gib']:.3f} | | |")
+    if compile_s is not None:
+        L.append(f"\ntorch.compile (torchtune's compile_model: each decoder layer): first step incl. compilation {compile_s:.0f}s.")
+    name = "profile_full" if a.full else "profile"
+    (a.out_dir / f"{name}.md").write_text("\n".join(L) + "\n")
+    (a.out_dir / f"{name}.json").write_text(json.dumps({"phases": phases, "categories_us": cats, "top_ops": ops[:40], "median_step_s": med, "median_step_cpu_s": med_cpu, "compile_s": compile_s,
                                                          "times": times, "check": check, "memory": mem}, indent=1))
     print("\n".join(L), flush=True)
 

@@ -559,46 +559,67 @@ def plot(summary, machine, a) -> None:
 # memory sweep
 
 
+SWEEP_MODES = ("ours", "naive", "fused")
+
+
+def _mem_available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
 def run_sweep(a, machine) -> None:
-    points = [(s, v) for v in a.sweep_vocab for s in a.sweep_seq]
+    """Peak-RSS increase of ONE loss step vs sequence length x vocab, each point a fresh process
+    (benchmarks/_sweep_point.py): ours (the recipe's path), naive (whole logits + log_softmax +
+    gather), fused (the prototype fix of benchmarks/_steps.py, for comparison)."""
     rows = []
-    for seq, vocab in points:
-        for mode in ("ours", "naive"):
-            cmd = [sys.executable, str(BENCH / "_sweep_point.py"), "--mode", mode, "--seq", str(seq), "--vocab", str(vocab),
-                   "--batch-size", str(a.batch_size), "--chunks", "8"]
-            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-            if p.returncode != 0:
-                rows.append({"mode": mode, "seq": seq, "vocab": vocab, "error": p.stderr[-2000:]})
-                print(f"  sweep {mode} seq={seq} vocab={vocab}: FAILED\n{p.stderr[-2000:]}", flush=True)
-                continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            rows.append(r)
-            print(f"  sweep {mode:5s} seq={seq:5d} vocab={vocab:6d}: step peak +{r['step_delta_gib']:.3f} GiB "
-                  f"(process {r['peak_rss_gib']:.2f} GiB)", flush=True)
+    for vocab in a.sweep_vocab:
+        for seq in a.sweep_seq:
+            bsv_gib = 2 * a.sweep_batch_size * seq * vocab * 4 / 2**30
+            for mode in SWEEP_MODES:
+                need = (4.5 if mode == "naive" else 1.5) * bsv_gib + 1.0
+                if need > 0.6 * _mem_available_gib():
+                    rows.append({"mode": mode, "seq": seq, "vocab": vocab, "error": f"skipped: would need ~{need:.1f} GiB"})
+                    print(f"  sweep {mode} seq={seq} vocab={vocab}: skipped (~{need:.1f} GiB)", flush=True)
+                    continue
+                cmd = [sys.executable, str(BENCH / "_sweep_point.py"), "--mode", mode, "--seq", str(seq), "--vocab", str(vocab),
+                       "--batch-size", str(a.sweep_batch_size), "--chunks", "8"]
+                p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+                if p.returncode != 0:
+                    rows.append({"mode": mode, "seq": seq, "vocab": vocab, "error": p.stderr[-2000:]})
+                    print(f"  sweep {mode} seq={seq} vocab={vocab}: FAILED\n{p.stderr[-2000:]}", flush=True)
+                    continue
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                rows.append(r)
+                print(f"  sweep {mode:5s} seq={seq:5d} vocab={vocab:6d}: step peak +{r['step_delta_gib']:.3f} GiB "
+                      f"(process {r['peak_rss_gib']:.2f} GiB), {r['step_s']:.1f}s", flush=True)
     _write_sweep(rows, machine, a)
 
 
 def _write_sweep(rows, machine, a) -> None:
     L = ["# Memory sweep: our SimPO loss step vs the naive log_softmax-gather path\n"]
-    L.append(f"{machine['date']}; {machine['nproc']} CPUs ({machine['cpu']}), torch {machine['torch']}. One fresh process per "
-             f"point; model = the benchmark's LoRA Llama (hidden 256, 4 layers, LoRA r8 q/v, fp32) with the given vocab; "
-             f"batch {a.batch_size} pairs = {2 * a.batch_size} sequences of the given length, half prompt half response. "
-             "'step' = peak RSS during one forward + log-probs + SimPO loss + backward minus the RSS before it; "
-             "B*S*V*4 = one float32 [batch, seq, vocab] tensor, for scale.\n")
-    L.append("| seq | vocab | B*S*V*4 (GiB) | ours: step (GiB) | naive: step (GiB) | ours / naive | ours: step time (s) | naive: step time (s) |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    by = {}
-    for r in rows:
-        by[(r["seq"], r["vocab"], r["mode"])] = r
-    for seq in a.sweep_seq:
-        for vocab in a.sweep_vocab:
-            o, n = by.get((seq, vocab, "ours"), {}), by.get((seq, vocab, "naive"), {})
-            bsv = 2 * a.batch_size * seq * vocab * 4 / 2**30
-            if "step_delta_gib" not in o or "step_delta_gib" not in n:
-                L.append(f"| {seq} | {vocab} | {bsv:.3f} | {o.get('step_delta_gib', 'failed')} | {n.get('step_delta_gib', 'failed')} | | | |")
-                continue
-            L.append(f"| {seq} | {vocab} | {bsv:.3f} | {o['step_delta_gib']:.3f} | {n['step_delta_gib']:.3f} | "
-                     f"{o['step_delta_gib'] / n['step_delta_gib']:.2f} | {o['step_s']:.2f} | {n['step_s']:.2f} |")
+    L.append(f"{machine['date']}; {machine['nproc']} CPUs ({machine['cpu']}), torch {machine.get('torch')}. Command: "
+             f"`{a.cmdline}`. One fresh process per point (benchmarks/_sweep_point.py); model = the benchmark's LoRA Llama "
+             f"(hidden 256, 4 layers, LoRA r8 q/v, fp32) with the given vocab; {a.sweep_batch_size} pairs = "
+             f"{2 * a.sweep_batch_size} sequences of the given length, half prompt, half response. 'step' = peak RSS during "
+             "one forward + log-probs + SimPO loss + backward minus the RSS before it. B*S*V*4 = one float32 "
+             "[sequences, seq, vocab] tensor, for scale.\n")
+    L.append("- **ours**: the recipe's path (model.set_num_output_chunks(8) -> prefopt.logprobs.sequence_logps -> SimPOLoss)")
+    L.append("- **naive**: whole logits -> torchtune's rlhf.get_batch_log_probs (log_softmax + gather, as torchtune's DPO recipes)")
+    L.append("- **fused**: prototype (benchmarks/_steps.py, not in the recipes): only the scored positions, logits recomputed per chunk in backward\n")
+    L.append("| seq | vocab | B*S*V*4 (GiB) | ours: step (GiB) | naive: step (GiB) | fused: step (GiB) | ours / naive | ours: step (s) | naive: step (s) | fused: step (s) |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    by = {(r["seq"], r["vocab"], r["mode"]): r for r in rows}
+    for vocab in a.sweep_vocab:
+        for seq in a.sweep_seq:
+            bsv = 2 * a.sweep_batch_size * seq * vocab * 4 / 2**30
+            cells = [by.get((seq, vocab, m), {}) for m in SWEEP_MODES]
+            mem = [f"{c['step_delta_gib']:.3f}" if "step_delta_gib" in c else ("skipped" if "skipped" in c.get("error", "") else "failed") for c in cells]
+            tim = [f"{c['step_s']:.1f}" if "step_s" in c else "" for c in cells]
+            o, n = cells[0], cells[1]
+            ratio = f"{o['step_delta_gib'] / n['step_delta_gib']:.2f}" if "step_delta_gib" in o and "step_delta_gib" in n else ""
+            L.append(f"| {seq} | {vocab} | {bsv:.3f} | {mem[0]} | {mem[1]} | {mem[2]} | {ratio} | {tim[0]} | {tim[1]} | {tim[2]} |")
     (a.out_dir / "sweep.md").write_text("\n".join(L) + "\n")
     (a.out_dir / "sweep.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
 
@@ -607,18 +628,18 @@ def _write_sweep(rows, machine, a) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(a.sweep_vocab), figsize=(4.2 * len(a.sweep_vocab), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(a.sweep_vocab), figsize=(4.6 * len(a.sweep_vocab), 3.9), squeeze=False)
     for ax, vocab in zip(axes[0], a.sweep_vocab):
-        for mode, style in (("ours", "o-"), ("naive", "s--")):
+        for mode, style in zip(SWEEP_MODES, ("o-", "s--", "^-.")):
             pts = [(s, by[(s, vocab, mode)]["step_delta_gib"]) for s in a.sweep_seq if "step_delta_gib" in by.get((s, vocab, mode), {})]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mode)
-        ax.plot(a.sweep_seq, [2 * a.batch_size * s * vocab * 4 / 2**30 for s in a.sweep_seq], ":", color="gray", label="B*S*V fp32")
-        ax.set_title(f"vocab {vocab}", fontsize=9)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mode + (" (prototype)" if mode == "fused" else ""))
+        ax.plot(a.sweep_seq, [2 * a.sweep_batch_size * s * vocab * 4 / 2**30 for s in a.sweep_seq], ":", color="gray", label="B*S*V*4 bytes")
+        ax.set_title(f"vocab {vocab}, {2 * a.sweep_batch_size} sequences", fontsize=9)
         ax.set_xlabel("sequence length")
-        ax.set_ylabel("step peak RSS increase (GiB)")
+        ax.set_ylabel("peak RSS increase of one step (GiB)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"loss-step memory, {machine['date']}, {machine['nproc']} CPUs ({machine['cpu']}), torch {machine['torch']}", fontsize=9)
+    fig.suptitle(f"loss-step memory, {machine['date']}, {machine['nproc']} CPUs ({machine['cpu']}), torch {machine.get('torch')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(a.out_dir / "sweep.png", dpi=110)
     plt.close(fig)
@@ -659,8 +680,9 @@ def main() -> None:
     p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every run (default: torch's)")
     p.add_argument("--run-timeout", type=int, default=600)
-    p.add_argument("--sweep-seq", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512, 1024, 2048])
+    p.add_argument("--sweep-seq", type=lambda s: [int(x) for x in s.split(",")], default=[128, 256, 512, 1024])
     p.add_argument("--sweep-vocab", type=lambda s: [int(x) for x in s.split(",")], default=[32000, 128256])
+    p.add_argument("--sweep-batch-size", type=int, default=2, help="pairs per sweep step")
     a = p.parse_args()
     parts = set(a.parts.split(",")) | ({"sweep"} if a.sweep else set())
     if a.steps <= a.warmup + 1:
@@ -670,6 +692,7 @@ def main() -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     cmdline = " ".join([".venv/bin/python", "benchmarks/run_benchmark.py"] + sys.argv[1:])
+    a.cmdline = cmdline
     t_all = time.perf_counter()
     machine = machine_info()
     print(f"machine: {machine}", flush=True)
