@@ -1,19 +1,31 @@
 """Per-sequence log-probabilities of response tokens, without a float32 copy of the logits.
 
+Two entry points:
+
+* :func:`model_sequence_logps` (what the recipes use) runs a torchtune ``TransformerDecoder`` and
+  projects to the vocabulary only the positions whose next token is scored (the response
+  tokens, about half of a preference batch), through :class:`_LinearTokenLogps`, which keeps
+  no logits at all for backward: it saves the hidden states, the output weight and a log-sum-exp
+  per token, and recomputes each chunk's logits in backward. The output layer is most of a
+  small model's step and most of any model's activation memory at 128k-152k vocabularies.
+* :func:`sequence_logps` takes logits the caller already has (whole or as chunks).
+
 The naive way (``log_softmax(logits.float()).gather(...)``, as TRL and princeton do) keeps a
 float32 ``[batch, seq, vocab]`` log-softmax alive for backward next to the logits themselves,
-which is most of a preference step's peak memory at realistic vocab sizes. Here the model
-returns its logits in chunks along the sequence (``model.set_num_output_chunks(n)``, in the
-model's dtype), and each chunk goes through :class:`_TokenLogps`, an autograd function that
-saves only the chunk itself and a ``[batch, chunk]`` log-sum-exp: the float32 softmax exists
-for one chunk at a time, in forward and again in backward.
+which is most of a preference step's peak memory at realistic vocab sizes. For logits in hand
+(e.g. chunks from ``model.set_num_output_chunks(n)``), each chunk goes through
+:class:`_TokenLogps`, an autograd function that saves only the chunk itself and a log-sum-exp:
+the float32 softmax exists for one chunk at a time, in forward and again in backward.
 """
 
-from typing import List, NamedTuple, Sequence, Union
+import contextlib
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["SequenceLogps", "sequence_logps", "token_logps"]
+__all__ = ["SequenceLogps", "model_sequence_logps", "sequence_logps", "token_logps", "linear_token_logps"]
 
 
 class _TokenLogps(torch.autograd.Function):
@@ -131,3 +143,196 @@ def sequence_logps(
     logps = total / num_tokens if average else total
     vocab = chunks[0].shape[-1]
     return SequenceLogps(logps, num_tokens, logits_sum / (seq_len * vocab))
+
+
+# ------------------------------------------------------------------------------------------------
+# Output projection fused with the log-prob, at the scored positions only.
+
+
+def _chunk_bounds(n: int, num_chunks: int) -> List[Tuple[int, int]]:
+    size = max(1, -(-n // max(1, num_chunks)))
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(h @ W.T)[target] for the rows of ``h``, one chunk of rows at a time.
+
+    Saves ``h``, ``W`` (both already alive: the activation and the parameter) and a float32
+    log-sum-exp per row; backward recomputes each chunk's logits (one extra ``[chunk, d] x [d, V]``
+    matmul) instead of keeping ``[N, V]`` logits from forward. The float32 softmax exists for
+    one chunk at a time in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int):
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for s, e in _chunk_bounds(h.shape[0], num_chunks):
+            logits = F.linear(h[s:e], weight).float()
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            out[s:e] = logits.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
+            del logits
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.num_chunks = num_chunks
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        # Accumulate the weight gradient over chunks in float32: with a bf16 weight, adding
+        # num_chunks partial products in bf16 would round each time (one matmul would not).
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s, e in _chunk_bounds(h.shape[0], ctx.num_chunks):
+            # d/dlogits [logit_t - lse] = onehot(t) - softmax, scaled by the incoming gradient.
+            g = torch.exp(F.linear(h[s:e], weight).float() - lse[s:e, None])
+            g.mul_(-grad_out[s:e, None])
+            g.scatter_add_(-1, targets[s:e, None], grad_out[s:e, None])
+            if need_h:
+                grad_h[s:e] = g.to(h.dtype) @ weight
+            if need_w:
+                grad_w.addmm_(g.t(), h[s:e].float())
+            del g
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def linear_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int = 8
+) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T)[targets]`` without keeping the logits for backward.
+
+    Args:
+        hidden (torch.Tensor): ``[N, d]`` hidden states (any floating dtype).
+        weight (torch.Tensor): ``[V, d]`` output projection weight (no bias), same dtype.
+        targets (torch.Tensor): ``[N]`` integer token ids in ``[0, V)``.
+        num_chunks (int): rows are processed in this many chunks; peak extra memory is one
+            ``[N / num_chunks, V]`` float32 block.
+
+    Returns:
+        torch.Tensor: ``[N]`` float32 log-probs, differentiable w.r.t. ``hidden`` and ``weight``.
+
+    Raises:
+        ValueError: if the shapes do not fit together.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, d] and [V, d]")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
+    return _LinearTokenLogps.apply(hidden, weight, targets, num_chunks)
+
+
+def _plain_weight(output: object) -> Optional[torch.Tensor]:
+    """The ``[V, d]`` weight when the output layer is a bias-free linear map over a plain tensor
+    (nn.Linear, torchtune's TiedLinear); None for anything else (LoRA on the output, NF4, ...),
+    which then goes through the module itself."""
+    from torchtune.modules import TiedLinear
+
+    if isinstance(output, TiedLinear):
+        weight = output.tied_module.weight
+    elif type(output) is nn.Linear and output.bias is None:
+        weight = output.weight
+    else:
+        return None
+    return weight if type(weight) in (torch.Tensor, nn.Parameter) else None
+
+
+@contextlib.contextmanager
+def _unembed_replaced(model: nn.Module, fn) -> Iterator[None]:
+    # The projection must run inside the model's forward: under FSDP2 the output weight is only
+    # gathered (and its gradient reduce-scattered) around the root module's forward/backward.
+    model.unembed = fn
+    try:
+        yield
+    finally:
+        del model.unembed
+
+
+def model_sequence_logps(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_chunks: int = 8,
+    average: bool = True,
+    ignore_index: int = -100,
+) -> SequenceLogps:
+    """Run a torchtune ``TransformerDecoder`` and return per-sequence log-probs of the labelled
+    tokens, projecting to the vocabulary only the positions that predict a labelled token.
+
+    Equal to ``sequence_logps(model(tokens), labels)`` (to float rounding), with the output layer
+    applied to ``N`` scored positions instead of ``b * s``, and, for a bias-free linear output
+    layer (``nn.Linear`` or ``TiedLinear``: every torchtune LoRA/QLoRA config that does not put
+    LoRA on the output), no logits kept for backward (:func:`linear_token_logps`). Other output
+    layers run as modules on ``num_chunks`` chunks of the scored positions, each chunk's logits
+    kept for backward in the model's dtype.
+
+    The model's ``unembed`` (final norm + output layer) is replaced for the duration of the call,
+    so the projection happens inside the model's forward (FSDP2's root hooks gather the output
+    weight there); the model's ``num_output_chunks`` setting is not used.
+
+    Args:
+        model (nn.Module): a torchtune ``TransformerDecoder`` (possibly LoRA, FSDP2-sharded,
+            compiled per layer or activation-checkpointed).
+        tokens (torch.Tensor): ``[b, s]`` token ids.
+        labels (torch.Tensor): ``[b, s]``, ``ignore_index`` where not scored.
+        num_chunks (int): the scored positions are projected in this many chunks.
+        average (bool): mean over response tokens (SimPO) or sum.
+        ignore_index (int): label value of unscored positions.
+
+    Returns:
+        SequenceLogps: ``logps`` [b] (differentiable), ``num_tokens`` [b], ``logits_mean`` [b]
+        (TRL's ``logits/*`` statistic over all positions, computed from the summed hidden state:
+        exact for a linear output layer, approximate under LoRA dropout on the output).
+
+    Raises:
+        ValueError: if ``tokens`` and ``labels`` differ in shape, or a row has no labelled token
+            (naming the rows).
+    """
+    if labels.dim() != 2 or tokens.shape != labels.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must both be [batch, seq]")
+    bsz, seq_len = labels.shape
+    targets = torch.cat([labels[:, 1:], labels.new_full((bsz, 1), ignore_index)], dim=1)
+    mask = targets != ignore_index
+    num_tokens = mask.sum(-1)
+    empty = (num_tokens == 0).nonzero().flatten()
+    if empty.numel() > 0:
+        raise ValueError(
+            f"rows {empty.tolist()} of the batch have no response tokens (every label is "
+            f"{ignore_index}): their average log-prob is undefined. Drop such examples in the "
+            "dataset (prefopt.data.preference_dataset does) or check the data's truncation."
+        )
+    rows = torch.arange(bsz, device=labels.device).unsqueeze(1).expand(bsz, seq_len)[mask]
+    scored_targets = targets[mask]
+
+    def unembed(h: torch.Tensor):
+        h = model.norm(h)  # [b, s, d]
+        scored = h[mask]  # [N, d], row-major: row 0's positions first
+        weight = _plain_weight(model.output)
+        with torch.no_grad():
+            h_sum = h.sum(dim=1, dtype=torch.float32)  # [b, d]
+            if weight is not None:
+                logits_sum = h_sum @ weight.sum(dim=0, dtype=torch.float32)
+            else:
+                logits_sum = model.output(h_sum.to(h.dtype)).float().sum(-1)
+        if weight is not None:
+            tok = linear_token_logps(scored, weight, scored_targets, num_chunks)
+        else:
+            tok = torch.cat([
+                token_logps(model.output(scored[s:e]), scored_targets[s:e])
+                for s, e in _chunk_bounds(scored.shape[0], num_chunks)
+            ])
+        return tok, logits_sum
+
+    with _unembed_replaced(model, unembed):
+        tok, logits_sum = model(tokens)
+    total = torch.zeros(bsz, dtype=torch.float32, device=tok.device).index_add(0, rows, tok)
+    logps = total / num_tokens if average else total
+    vocab = _vocab_size(model)
+    return SequenceLogps(logps, num_tokens, logits_sum / (seq_len * vocab))
+
+
+def _vocab_size(model: nn.Module) -> int:
+    return model.tok_embeddings.num_embeddings

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
-from prefopt.logprobs import sequence_logps
+from prefopt.logprobs import model_sequence_logps
 from prefopt.metrics import PreferenceMetrics
 
 log = utils.get_logger("INFO")
@@ -130,7 +130,8 @@ class SimPORecipeDistributed:
     """SimPO (or any reference-free pairwise loss) with full fine-tuning under FSDP2.
 
     - One concatenated forward of chosen+rejected per micro-batch; per-sequence average
-      log-probs from chunked logits (no float32 copy of the whole logits).
+      log-probs of the response positions only, output layer fused with the log-softmax
+      (no logits kept for backward).
     - FSDP2 (``fully_shard`` per decoder layer, then the root), parameters/gradients/optimizer
       state sharded over all processes; CPU offload on CUDA; meta-device init, the full state
       dict of the checkpointer loaded shard by shard.
@@ -177,6 +178,7 @@ class SimPORecipeDistributed:
         self._save_every = v["save_every_n_steps"]
         self._keep_last = v["keep_last_n_checkpoints"]
         self._on_nonfinite = v["on_nonfinite"]
+        self._num_output_chunks = v["num_output_chunks"]
         # Loss scaling. FSDP2 AVERAGES gradients over the world_size ranks; each rank's loss is
         # the SUM of its per-pair losses times world_size / global_batch, so that the averaged
         # gradient is exactly d/dθ of (1/global_batch) Σ over every pair of the step, whatever
@@ -292,9 +294,6 @@ class SimPORecipeDistributed:
         self._activations_ctx = training.get_act_offloading_ctx_manager(model, v["enable_activation_offloading"])
         training.validate_no_params_on_meta_device(model)
         training.disable_dropout(model)
-        # The model returns its logits as a list of sequence chunks in its own dtype; the
-        # log-prob function upcasts one chunk at a time.
-        model.set_num_output_chunks(v["num_output_chunks"])
         n_all = sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
         precision = f"{self._param_dtype} weights" + (f", {self._dtype} compute" if self._mixed else "")
         self._info(
@@ -394,10 +393,10 @@ class SimPORecipeDistributed:
         tokens = batch["tokens"].to(self._device)
         labels = batch["labels"].to(self._device)
         b = tokens.shape[0] // 2
+        # Only the positions that predict a response token go through the output layer, fused
+        # with the log-softmax so that no [tokens, vocab] logits are kept for backward.
         with self._activations_ctx:
-            logits = self._model(tokens)
-        out = sequence_logps(logits, labels)
-        del logits
+            out = model_sequence_logps(self._model, tokens, labels, num_chunks=self._num_output_chunks)
         chosen = type(out)(*(t[:b] for t in out))
         rejected = type(out)(*(t[b:] for t in out))
         losses, chosen_rewards, rejected_rewards = self._loss_fn(chosen.logps, rejected.logps)

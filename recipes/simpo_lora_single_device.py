@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
-from prefopt.logprobs import sequence_logps
+from prefopt.logprobs import model_sequence_logps
 from prefopt.metrics import PreferenceMetrics
 
 log = utils.get_logger("INFO")
@@ -102,7 +102,8 @@ class SimPORecipeSingleDevice:
     """SimPO (or any reference-free pairwise loss) with LoRA/QLoRA on one device.
 
     - One concatenated forward of chosen+rejected per micro-batch; per-sequence average
-      log-probs from chunked logits (no float32 copy of the whole logits).
+      log-probs of the response positions only, output layer fused with the log-softmax
+      (no logits kept for backward).
     - Gradient accumulation, gradient clipping, fp32/bf16, activation checkpointing (and
       offloading on CUDA), torch.compile of the decoder layers and the loss.
     - Held-out evaluation at step 0, every ``eval_every_n_steps`` and at the end.
@@ -126,6 +127,7 @@ class SimPORecipeSingleDevice:
         self._eval_every = v["eval_every_n_steps"]
         self._save_every = v["save_every_n_steps"]
         self._on_nonfinite = v["on_nonfinite"]
+        self._num_output_chunks = v["num_output_chunks"]
         self.seed = training.set_seed(seed=v["seed"])
         self.total_epochs = v["epochs"]
         self.max_steps_per_epoch = v["max_steps_per_epoch"]
@@ -207,9 +209,6 @@ class SimPORecipeSingleDevice:
         self._activations_ctx = training.get_act_offloading_ctx_manager(
             model, v["enable_activation_offloading"]
         )
-        # The model returns its logits as a list of sequence chunks in its own dtype; the
-        # log-prob function upcasts one chunk at a time.
-        model.set_num_output_chunks(v["num_output_chunks"])
         if v["compile"]:
             training.compile_model(model)
         n_train = sum(p.numel() for p in self._adapter_params.values())
@@ -238,10 +237,10 @@ class SimPORecipeSingleDevice:
         tokens = batch["tokens"].to(self._device)
         labels = batch["labels"].to(self._device)
         b = tokens.shape[0] // 2
+        # Only the positions that predict a response token go through the output layer, fused
+        # with the log-softmax so that no [tokens, vocab] logits are kept for backward.
         with self._activations_ctx:
-            logits = self._model(tokens)
-        out = sequence_logps(logits, labels)
-        del logits
+            out = model_sequence_logps(self._model, tokens, labels, num_chunks=self._num_output_chunks)
         chosen = type(out)(*(t[:b] for t in out))
         rejected = type(out)(*(t[b:] for t in out))
         losses, chosen_rewards, rejected_rewards = self._loss_fn(chosen.logps, rejected.logps)

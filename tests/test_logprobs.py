@@ -109,3 +109,93 @@ def test_shape_mismatch_raises():
     logits, labels = batch()
     with pytest.raises(ValueError, match="do not match labels"):
         sequence_logps([logits[:, :5]], labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# model_sequence_logps: response positions only, output layer fused with the log-softmax.
+
+
+def _tiny(kind: str):
+    from torchtune.models.llama2 import llama2, lora_llama2
+    from torchtune.models.qwen2 import qwen2
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=32, max_seq_len=32)
+    if kind == "linear":  # nn.Linear output: the fused path
+        return llama2(**shape)
+    if kind == "tied":  # TiedLinear output (qwen2.5 0.5B-3B, gemma2): the fused path
+        return qwen2(**shape, intermediate_dim=64, tie_word_embeddings=True)
+    # LoRA on the output layer: the module path (chunks of the scored positions through model.output)
+    model = lora_llama2(["q_proj", "v_proj"], apply_lora_to_output=True, lora_rank=4, lora_alpha=8, **shape)
+    for name, p in model.named_parameters():
+        if "lora_b" in name:  # zero-initialised: make the LoRA path contribute
+            torch.nn.init.normal_(p)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["linear", "tied", "lora_output"])
+@pytest.mark.parametrize("average", [True, False])
+def test_model_sequence_logps_equals_whole_logits_path_with_gradients(kind, average):
+    from prefopt.logprobs import model_sequence_logps
+
+    model = _tiny(kind)
+    tokens = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    labels = tokens.clone()
+    labels[:, :4] = -100
+    labels[1, 9:] = -100  # right padding on one row
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # a different upstream gradient per row
+
+    ref = sequence_logps(model(tokens), labels, average=average)
+    (ref.logps * weights).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    out = model_sequence_logps(model, tokens, labels, num_chunks=3, average=average)
+    (out.logps * weights).sum().backward()
+    assert_close(out.logps, ref.logps, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.num_tokens, ref.num_tokens)
+    assert_close(out.logits_mean, ref.logits_mean, atol=1e-6, rtol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and len(grads) > 5
+    for name, g in grads.items():
+        assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    # The replaced unembed is gone again: the model's own forward returns logits.
+    assert "unembed" not in vars(model)
+    assert model(tokens).shape == (4, 12, 64)
+
+
+def test_linear_token_logps_bf16_close_to_float32_and_keeps_no_logits():
+    from prefopt.logprobs import linear_token_logps
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g)
+    w = torch.randn(300, 16, generator=g) * 0.3
+    t = torch.randint(0, 300, (40,), generator=g)
+    ref = torch.log_softmax(h @ w.t(), -1).gather(-1, t[:, None]).squeeze(-1)
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        out = linear_token_logps(hb, wb, t, num_chunks=4)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, atol=0.1, rtol=0.02)
+    # Saved for backward: h [40, 16], W [300, 16], targets, lse [40]; nothing of size N x V.
+    assert len(saved) >= 3 and all(s.numel() < 40 * 300 for s in saved), saved
+    hf, wf = h.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.log_softmax(hf @ wf.t(), -1).gather(-1, t[:, None]).sum().backward()
+    out.sum().backward()
+    assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    assert_close(wb.grad.float(), wf.grad, atol=0.05, rtol=0.05)
+    assert_close(hb.grad.float(), hf.grad, atol=0.05, rtol=0.05)
+
+
+def test_model_sequence_logps_names_rows_without_response_tokens():
+    from prefopt.logprobs import model_sequence_logps
+
+    model = _tiny("linear")
+    tokens = torch.randint(0, 64, (2, 8))
+    labels = tokens.clone()
+    labels[1, :] = -100
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        model_sequence_logps(model, tokens, labels)
+    with pytest.raises(ValueError, match="must both be"):
+        model_sequence_logps(model, tokens, labels[:, :5])

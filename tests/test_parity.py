@@ -4,7 +4,7 @@ SimPO trainer (CPU, float32). Background and the differences we keep on purpose:
 What is driven on each side:
 
 * **Ours**: a torchtune ``llama2`` loaded through ``FullModelHFCheckpointer(model_type="LLAMA2")``,
-  ``model.set_num_output_chunks(n)``, ``prefopt.logprobs.sequence_logps`` on the chunked logits,
+  ``prefopt.logprobs.model_sequence_logps`` (response positions only, fused output layer),
   ``prefopt.loss.SimPOLoss``, ``prefopt.metrics.PreferenceMetrics``, and
   ``prefopt.data.padded_collate_preference``: the lines of ``recipes/simpo_lora_single_device.py``'s
   ``_forward``/``train``, with all weights trainable instead of LoRA.
@@ -52,7 +52,7 @@ from torchtune.training import FullModelHFCheckpointer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prefopt.data import padded_collate_preference, preference_dataset, truncate_pair
-from prefopt.logprobs import SequenceLogps, sequence_logps
+from prefopt.logprobs import SequenceLogps, model_sequence_logps
 from prefopt.loss import SimPOLoss
 from prefopt.metrics import PreferenceMetrics
 
@@ -197,8 +197,7 @@ def trl_batch(trainer, idx):
 
 def our_forward(model, batch, loss_fn):
     """recipes/simpo_lora_single_device.py: SimPORecipeSingleDevice._forward."""
-    logits = model(batch["tokens"])
-    out = sequence_logps(logits, batch["labels"])
+    out = model_sequence_logps(model, batch["tokens"], batch["labels"], num_chunks=8)
     b = batch["tokens"].shape[0] // 2
     chosen = SequenceLogps(*(t[:b] for t in out))
     rejected = SequenceLogps(*(t[b:] for t in out))
