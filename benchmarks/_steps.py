@@ -3,23 +3,21 @@
 Every variant maps (model, tokens, labels) to the per-pair SimPO losses and runs backward, and
 each gives the same losses and gradients as ``ours`` (``profile_step.py`` checks it):
 
-* ``ours``          recipes/simpo_lora_single_device.py's ``_forward`` + backward: the model's
-                    chunked logits (``set_num_output_chunks(8)``) -> prefopt.logprobs.sequence_logps
-                    -> prefopt.loss.SimPOLoss.
+* ``ours``          recipes' ``_forward`` + backward: prefopt.logprobs.model_sequence_logps (only the
+                    positions that predict a response token go through the output layer, fused with
+                    the log-softmax, no logits kept for backward) -> prefopt.loss.SimPOLoss.
+* ``chunked_logits`` the recipes' path before the profile (session 1): the model's chunked logits
+                    over every position (``set_num_output_chunks(8)``) ->
+                    prefopt.logprobs.sequence_logps (with the ``logits_mean`` pass) -> SimPOLoss.
 * ``naive``         whole logits -> torchtune's ``rlhf.get_batch_log_probs`` (log_softmax + gather,
                     what torchtune's DPO recipes and, with a row loop, TRL do) -> SimPOLoss.
-* ``ours_no_mean``  ``ours`` without the ``logits_mean`` metric pass (a detached sum over every
-                    logit of every chunk).
-* ``response_only`` hidden states -> only the positions whose next token is scored -> output
-                    projection in chunks -> prefopt.logprobs.token_logps (logits of the scored
-                    positions saved for backward): half the output-layer work here.
+* ``response_only`` hidden states -> only the scored positions -> output layer in chunks ->
+                    prefopt.logprobs.token_logps (each chunk's logits saved for backward): the
+                    module path model_sequence_logps takes for non-linear output layers.
 * ``response_only_ce`` ``response_only`` with ``-F.cross_entropy(..., reduction="none")`` as the
                     per-token log-prob (ATen's fused log_softmax forward/backward kernels).
-* ``fused``         ``response_only`` through :class:`FusedLinearTokenLogps`: an autograd function
-                    over (hidden, output weight) that keeps no logits at all and recomputes each
-                    chunk's logits in backward: saved memory O(chunk x vocab), not O(seq x vocab).
 
-These are prototypes for the report (benchmarks/ only); none of them is used by the recipes.
+Only ``ours`` is what the recipes run; the others are for comparison in the profile and sweep.
 """
 
 from typing import Callable, Dict, Tuple
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from torchtune.rlhf import get_batch_log_probs
 
-from prefopt.logprobs import sequence_logps, token_logps
+from prefopt.logprobs import model_sequence_logps, sequence_logps, token_logps
 from prefopt.loss import SimPOLoss
 
 SHAPE = dict(num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=256, intermediate_dim=688, max_seq_len=4096, norm_eps=1e-5)
@@ -73,6 +71,11 @@ def _split(logps: torch.Tensor, loss_fn) -> torch.Tensor:
 
 
 def step_ours(model, tokens, labels, loss_fn):
+    out = model_sequence_logps(model, tokens, labels, num_chunks=NUM_OUTPUT_CHUNKS)
+    return _split(out.logps, loss_fn)
+
+
+def step_chunked_logits(model, tokens, labels, loss_fn):
     model.set_num_output_chunks(NUM_OUTPUT_CHUNKS)
     logits = model(tokens)
     out = sequence_logps(logits, labels)
@@ -84,29 +87,6 @@ def step_naive(model, tokens, labels, loss_fn):
     model.set_num_output_chunks(0)
     logits = model(tokens)  # [b, s, v] float32
     logps = get_batch_log_probs(logits, labels, return_average_logprobs=True)
-    return _split(logps, loss_fn)
-
-
-def _sequence_logps_no_mean(chunks, labels):
-    """prefopt.logprobs.sequence_logps minus the logits_mean statistic (same logps)."""
-    bsz = labels.shape[0]
-    targets = torch.cat([labels[:, 1:], labels.new_full((bsz, 1), IGNORE)], dim=1)
-    mask = targets != IGNORE
-    safe = targets.masked_fill(~mask, 0)
-    total = labels.new_zeros((bsz,), dtype=torch.float32)
-    start = 0
-    for chunk in chunks:
-        n = chunk.shape[1]
-        total = total + (token_logps(chunk, safe[:, start : start + n]) * mask[:, start : start + n]).sum(-1)
-        start += n
-    return total / mask.sum(-1)
-
-
-def step_ours_no_mean(model, tokens, labels, loss_fn):
-    model.set_num_output_chunks(NUM_OUTPUT_CHUNKS)
-    logits = model(tokens)
-    logps = _sequence_logps_no_mean(logits, labels)
-    del logits
     return _split(logps, loss_fn)
 
 
@@ -155,58 +135,12 @@ def step_response_only_ce(model, tokens, labels, loss_fn):
     return _split(total / counts, loss_fn)
 
 
-class FusedLinearTokenLogps(torch.autograd.Function):
-    """log softmax(h @ W.T)[target] for rows of h, chunk by chunk, saving only h, W and the
-    log-sum-exp: logits are recomputed per chunk in backward (one extra [chunk, d] x [d, vocab]
-    matmul) and never exist for more than one chunk at a time."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int):
-        out = torch.empty(h.shape[0], dtype=torch.float32)
-        lse_all = torch.empty(h.shape[0], dtype=torch.float32)
-        for s, e in _chunk_rows(h.shape[0], num_chunks):
-            logits = (h[s:e] @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            out[s:e] = logits.gather(-1, targets[s:e, None]).squeeze(-1) - lse
-            lse_all[s:e] = lse
-        ctx.save_for_backward(h, weight, targets, lse_all)
-        ctx.num_chunks = num_chunks
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        h, weight, targets, lse = ctx.saved_tensors
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for s, e in _chunk_rows(h.shape[0], ctx.num_chunks):
-            g = torch.exp((h[s:e] @ weight.t()).float() - lse[s:e, None])  # softmax
-            g.mul_(-grad_out[s:e, None])
-            g.scatter_add_(-1, targets[s:e, None], grad_out[s:e, None])
-            g = g.to(h.dtype)
-            if grad_h is not None:
-                grad_h[s:e] = g @ weight
-            if grad_w is not None:
-                grad_w += g.t() @ h[s:e]
-        return grad_h, grad_w, None, None
-
-
-def step_fused(model, tokens, labels, loss_fn):
-    h = hidden_states(model, tokens)
-    mask, tgt, rows, counts = _scored(labels)
-    hs = h[mask]
-    del h
-    tok = FusedLinearTokenLogps.apply(hs, model.output.weight, tgt, NUM_OUTPUT_CHUNKS)
-    total = torch.zeros(labels.shape[0], dtype=torch.float32).index_add(0, rows, tok)
-    return _split(total / counts, loss_fn)
-
-
 STEPS: Dict[str, Callable] = {
     "ours": step_ours,
+    "chunked_logits": step_chunked_logits,
     "naive": step_naive,
-    "ours_no_mean": step_ours_no_mean,
     "response_only": step_response_only,
     "response_only_ce": step_response_only_ce,
-    "fused": step_fused,
 }
 
 

@@ -94,11 +94,11 @@ def grads(model):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--variants", default="ours,ours_no_mean,response_only,response_only_ce,fused,naive")
+    p.add_argument("--variants", default="ours,chunked_logits,response_only,response_only_ce,naive")
     p.add_argument("--threads-compare", action="store_true", help="also time `ours` with 1 thread")
     p.add_argument("--compile", action="store_true", help="also time `ours` with torch.compile on each decoder layer")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--ac-variants", default="fused,response_only_ce", help="also time these with activation checkpointing")
+    p.add_argument("--ac-variants", default="ours,response_only_ce", help="also time these with activation checkpointing")
     p.add_argument("--full", action="store_true", help="full fine-tuning: every weight trainable, AdamW over all")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks")
     a = p.parse_args()
@@ -106,7 +106,7 @@ def main() -> None:
     # 3. (first) memory, fresh process per variant
     mem = {}
     if not a.no_memory and not a.full:
-        for v in variants + ["fused+ac", "ours+ac"]:
+        for v in variants + ["ours+ac", "chunked_logits+ac"]:
             extra = ["--ac"] if v.endswith("+ac") else []
             out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "_sweep_point.py"), "--mode", v.replace("+ac", ""), "--seq", str(PROMPT + RESP + 2),
                                   "--vocab", str(VOCAB), "--batch-size", str(PAIRS)] + extra, capture_output=True, text=True, cwd=REPO)

@@ -559,7 +559,7 @@ def plot(summary, machine, a) -> None:
 # memory sweep
 
 
-SWEEP_MODES = ("ours", "naive", "fused")
+SWEEP_MODES = ("ours", "chunked_logits", "naive")
 
 
 def _mem_available_gib() -> float:
@@ -571,8 +571,8 @@ def _mem_available_gib() -> float:
 
 def run_sweep(a, machine) -> None:
     """Peak-RSS increase of ONE loss step vs sequence length x vocab, each point a fresh process
-    (benchmarks/_sweep_point.py): ours (the recipe's path), naive (whole logits + log_softmax +
-    gather), fused (the prototype fix of benchmarks/_steps.py, for comparison)."""
+    (benchmarks/_sweep_point.py): ours (the recipes' path), chunked_logits (the path before the
+    profile), naive (whole logits + log_softmax + gather)."""
     rows = []
     for vocab in a.sweep_vocab:
         for seq in a.sweep_seq:
@@ -605,11 +605,14 @@ def _write_sweep(rows, machine, a) -> None:
              f"{2 * a.sweep_batch_size} sequences of the given length, half prompt, half response. 'step' = peak RSS during "
              "one forward + log-probs + SimPO loss + backward minus the RSS before it. B*S*V*4 = one float32 "
              "[sequences, seq, vocab] tensor, for scale.\n")
-    L.append("- **ours**: the recipe's path (model.set_num_output_chunks(8) -> prefopt.logprobs.sequence_logps -> SimPOLoss)")
-    L.append("- **naive**: whole logits -> torchtune's rlhf.get_batch_log_probs (log_softmax + gather, as torchtune's DPO recipes)")
-    L.append("- **fused**: prototype (benchmarks/_steps.py, not in the recipes): only the scored positions, logits recomputed per chunk in backward\n")
-    L.append("| seq | vocab | B*S*V*4 (GiB) | ours: step (GiB) | naive: step (GiB) | fused: step (GiB) | ours / naive | ours: step (s) | naive: step (s) | fused: step (s) |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("- **ours**: the recipes' path (prefopt.logprobs.model_sequence_logps: only the positions that predict a "
+             "response token go through the output layer, fused with the log-softmax, logits recomputed per chunk in backward)")
+    L.append("- **chunked_logits**: the recipes' path before the profile (model.set_num_output_chunks(8) over every position "
+             "-> prefopt.logprobs.sequence_logps, each chunk's logits kept for backward)")
+    L.append("- **naive**: whole logits -> torchtune's rlhf.get_batch_log_probs (log_softmax + gather, as torchtune's DPO recipes)\n")
+    L.append("| seq | vocab | B*S*V*4 (GiB) | " + " | ".join(f"{m}: step (GiB)" for m in SWEEP_MODES)
+             + " | ours / naive | " + " | ".join(f"{m}: step (s)" for m in SWEEP_MODES) + " |")
+    L.append("|---:|---:|---:|" + "---:|" * (2 * len(SWEEP_MODES) + 1))
     by = {(r["seq"], r["vocab"], r["mode"]): r for r in rows}
     for vocab in a.sweep_vocab:
         for seq in a.sweep_seq:
@@ -617,9 +620,9 @@ def _write_sweep(rows, machine, a) -> None:
             cells = [by.get((seq, vocab, m), {}) for m in SWEEP_MODES]
             mem = [f"{c['step_delta_gib']:.3f}" if "step_delta_gib" in c else ("skipped" if "skipped" in c.get("error", "") else "failed") for c in cells]
             tim = [f"{c['step_s']:.1f}" if "step_s" in c else "" for c in cells]
-            o, n = cells[0], cells[1]
+            o, n = cells[0], cells[SWEEP_MODES.index("naive")]
             ratio = f"{o['step_delta_gib'] / n['step_delta_gib']:.2f}" if "step_delta_gib" in o and "step_delta_gib" in n else ""
-            L.append(f"| {seq} | {vocab} | {bsv:.3f} | {mem[0]} | {mem[1]} | {mem[2]} | {ratio} | {tim[0]} | {tim[1]} | {tim[2]} |")
+            L.append(f"| {seq} | {vocab} | {bsv:.3f} | " + " | ".join(mem) + f" | {ratio} | " + " | ".join(tim) + " |")
     (a.out_dir / "sweep.md").write_text("\n".join(L) + "\n")
     (a.out_dir / "sweep.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
 
@@ -633,7 +636,7 @@ def _write_sweep(rows, machine, a) -> None:
         for mode, style in zip(SWEEP_MODES, ("o-", "s--", "^-.")):
             pts = [(s, by[(s, vocab, mode)]["step_delta_gib"]) for s in a.sweep_seq if "step_delta_gib" in by.get((s, vocab, mode), {})]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mode + (" (prototype)" if mode == "fused" else ""))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mode)
         ax.plot(a.sweep_seq, [2 * a.sweep_batch_size * s * vocab * 4 / 2**30 for s in a.sweep_seq], ":", color="gray", label="B*S*V*4 bytes")
         ax.set_title(f"vocab {vocab}, {2 * a.sweep_batch_size} sequences", fontsize=9)
         ax.set_xlabel("sequence length")
