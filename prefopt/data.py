@@ -12,9 +12,12 @@ Config use (same sources and ``column_map`` as ``torchtune.datasets.preference_d
       max_prompt_len: 1800
 """
 
+import json
 import logging
+import re
 from collections import Counter
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -27,6 +30,7 @@ __all__ = [
     "preference_dataset",
     "padded_collate_preference",
     "truncate_pair",
+    "find_undecodable_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,17 +137,26 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
                 "reward is the response's average log-prob, so it must be False"
             )
         self._column_map = column_map or {"chosen": "chosen", "rejected": "rejected"}
-        super().__init__(
-            source=source,
-            message_transform=ChosenRejectedToMessages(
-                train_on_input=False, column_map=column_map, new_system_prompt=new_system_prompt
-            ),
-            tokenizer=tokenizer,
-            filter_fn=filter_fn,
-            split=split,
-            **load_dataset_kwargs,
-        )
         files = load_dataset_kwargs.get("data_files")
+        try:
+            super().__init__(
+                source=source,
+                message_transform=ChosenRejectedToMessages(
+                    train_on_input=False, column_map=column_map, new_system_prompt=new_system_prompt
+                ),
+                tokenizer=tokenizer,
+                filter_fn=filter_fn,
+                split=split,
+                **load_dataset_kwargs,
+            )
+        except Exception as e:
+            # `datasets` fails deep inside pyarrow on text it cannot decode; find the line.
+            found = _undecodable_in_files(source, files)
+            if found is None:
+                raise
+            # Always an error, also with on_bad_example=drop: the file does not load, so there
+            # is no row to drop. Fix or delete that line.
+            raise BadExample(f"{found}; the file cannot be loaded, fix or delete that line", "undecodable text") from e
         self.source_name = f"{source}:{files}" if files else f"{source}[{split}]"
         self.max_seq_len = max_seq_len
         self.max_prompt_len = max_prompt_len
@@ -152,7 +165,7 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
         self._examples: List[Dict[str, Any]] = []
         for row in range(len(self._data)):
             try:
-                self._examples.append(self._build(row, self._data[row]))
+                self._examples.append(self._build(row, self._row(row)))
             except BadExample as e:
                 if on_bad_example == "error":
                     raise
@@ -171,6 +184,22 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
     def _bad(self, row: int, field: str, what: str, reason: str) -> BadExample:
         return BadExample(f"{self.source_name}: row {row}, field {field!r}: {what}", reason)
 
+    def _row(self, row: int) -> Mapping[str, Any]:
+        """``self._data[row]``; bytes that are not UTF-8 inside a JSON string get through
+        pyarrow's JSON reader and fail only here, when the row is decoded: a bad example."""
+        try:
+            return self._data[row]
+        except UnicodeDecodeError as e:
+            table = self._data.with_format("arrow")[row : row + 1]
+            field = "?"
+            for name in table.column_names:
+                try:
+                    table.column(name).to_pylist()
+                except UnicodeDecodeError:
+                    field = name
+                    break
+            raise self._bad(row, field, f"text that is not UTF-8 ({_undecodable_bytes(e)})", "undecodable text") from e
+
     def _check_messages(self, row: int, sample: Mapping[str, Any], key: str) -> None:
         col = self._column_map[key]
         if col not in sample or sample[col] is None:
@@ -182,6 +211,12 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
             if not isinstance(m, Mapping) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
                 raise self._bad(
                     row, col, f"message {i} must be {{'role': one of {_ROLES}, 'content': str}}, got {m!r:.120}", "wrong type"
+                )
+            bad = _SURROGATE.search(m["content"])
+            if bad:  # a lone surrogate: no tokenizer can encode it (not valid Unicode text)
+                raise self._bad(
+                    row, col, f"message {i} holds a lone surrogate {bad.group()!r} at character {bad.start()}: "
+                    "not valid Unicode text", "undecodable text"
                 )
         if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             raise self._bad(row, col, "has no non-empty assistant message", "empty response")
@@ -245,6 +280,90 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
         return self._examples[index]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# a \\uD800-\\uDFFF escape (not preceded by an escaping backslash), with the low half if it has one
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?")
+_TEXT_SOURCES = ("json", "csv", "text")
+
+
+def _undecodable_bytes(e: UnicodeDecodeError) -> str:
+    return f"{e.object[e.start : e.end]!r} at byte {e.start} of {e.object[max(0, e.start - 20) : e.end + 20]!r}"
+
+
+def _field_path(obj: Any, prefix: str = "") -> Optional[str]:
+    """Where in a decoded JSON value the first string (or key) holding a surrogate is."""
+    if isinstance(obj, str):
+        return prefix or "(value)" if _SURROGATE.search(obj) else None
+    if isinstance(obj, list):
+        for i, x in enumerate(obj):
+            found = _field_path(x, f"{prefix}[{i}]")
+            if found:
+                return found
+    if isinstance(obj, dict):
+        for k, x in obj.items():
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if _SURROGATE.search(str(k)):
+                return f"key {name!r}"
+            found = _field_path(x, name)
+            if found:
+                return found
+    return None
+
+
+def find_undecodable_text(path: Union[str, Path]) -> Optional[str]:
+    """The first line of a UTF-8 text file (JSON, JSON Lines, CSV) that holds undecodable text,
+    described with the file, the line (1-based), for JSON Lines the row (0-based: the non-blank
+    lines before it), the field and the bytes; None if every line is valid UTF-8 with no
+    lone-surrogate escape.
+
+    Two kinds: bytes that are not UTF-8, and JSON escapes of a lone surrogate (``"\\ud800"``),
+    which decode in Python but are not Unicode text (pyarrow's JSON reader rejects the whole
+    file for either, or passes the bytes on to fail when the row is read).
+    """
+    row, jsonl = 0, None  # JSON Lines (the first non-blank line is an object): row = non-blank lines before
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            blank = not raw.strip()
+            if jsonl is None and not blank:
+                jsonl = raw.lstrip().startswith(b"{")
+            where = f"{path}: line {lineno}" + (f" (row {row})" if jsonl and not blank else "")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                try:  # which field: decode with the bad bytes as surrogates, then look for them
+                    field = _field_path(json.loads(raw.decode("utf-8", errors="surrogateescape")))
+                except ValueError:
+                    field = None
+                return f"{where}{', field ' + repr(field) if field else ''}: bytes that are not UTF-8 ({_undecodable_bytes(e)})"
+            lone = next(
+                (m.group(1) for m in _SURROGATE_ESCAPE.finditer(line) if m.group(1)[1] in "cdefCDEF" or not m.group(2)),
+                None,
+            )
+            if lone:
+                try:  # JSON Lines: which field
+                    field = _field_path(json.loads(line))
+                except ValueError:
+                    field = None
+                return f"{where}{', field ' + repr(field) if field else ''}: a lone surrogate escape \"\\u{lone}\" (not Unicode text)"
+            row += not blank
+    return None
+
+
+def _undecodable_in_files(source: str, files: Any) -> Optional[str]:
+    if source not in _TEXT_SOURCES or files is None:
+        return None
+    if isinstance(files, Mapping):
+        files = [f for v in files.values() for f in ([v] if isinstance(v, (str, Path)) else v)]
+    elif isinstance(files, (str, Path)):
+        files = [files]
+    for f in files:
+        if isinstance(f, (str, Path)) and Path(f).is_file():
+            found = find_undecodable_text(f)
+            if found:
+                return found
+    return None
+
+
 def preference_dataset(
     tokenizer: ModelTokenizer,
     *,
@@ -279,6 +398,10 @@ def preference_dataset(
             (princeton's ``max_prompt_length``).
         prompt_truncation (str): ``"keep_end"`` (default, princeton) or ``"keep_start"``.
         on_bad_example (str): ``"drop"`` (count and log) or ``"error"`` (raise at the first one).
+            Text that is not UTF-8 inside a JSON Lines string is such a row ("undecodable
+            text"). A file that ``datasets`` cannot load at all (a lone surrogate escape such
+            as ``"\\ud800"``, bad bytes in a JSON array file) is always an error, naming the
+            file, line, row and field: there is no row to drop.
         **load_dataset_kwargs: passed to ``datasets.load_dataset`` (``data_files``, ...).
 
     Returns:
@@ -287,7 +410,8 @@ def preference_dataset(
 
     Raises:
         ValueError: on bad arguments, if no row is usable, or (``on_bad_example="error"``) on the
-            first bad row, naming source, row and field.
+            first bad row, naming source, row and field; :class:`BadExample` (a ValueError) for
+            a file with undecodable text that does not load.
     """
     return PreferenceDataset(
         source=source,

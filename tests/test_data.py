@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from prefopt.data import padded_collate_preference, preference_dataset, truncate_pair
+from prefopt.data import BadExample, find_undecodable_text, padded_collate_preference, preference_dataset, truncate_pair
 
 
 def test_truncate_pair_princeton_rule():
@@ -126,3 +126,83 @@ def test_collate_layout():
     assert out["labels"][1].tolist() == [-100, 5] + [-100] * 6
     assert out["rows"].tolist() == [7, 9]
     assert out["num_tokens"].item() == 3 + 2 + 2 + 4
+
+
+# Undecodable text. pyarrow's JSON reader (under `datasets`) lets bytes that are not UTF-8 inside
+# a JSON Lines string through, to fail when that row is read: a bad row like any other. A lone
+# surrogate escape ("\ud800"), or bad bytes in a JSON array file, make it reject the whole file:
+# then there is no row to drop, and the load fails with the file, line, row and field.
+
+
+def jsonl_bytes(rows):
+    return [json.dumps(r).encode() for r in rows]
+
+
+ROWS = [pair(f"Question {i}?", f"The good answer {i}.", f"Bad {i}.") for i in range(4)]
+
+
+def test_invalid_utf8_in_a_row_is_a_bad_example(tmp_path, tiny_tokenizer):
+    lines = jsonl_bytes(ROWS)
+    lines[2] = lines[2].replace(b"good answer", b"good \xff\xfe answer")  # in 'chosen'
+    f = tmp_path / "latin.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(BadExample) as e:
+        preference_dataset(tiny_tokenizer, source="json", data_files=str(f), split="train", on_bad_example="error")
+    assert str(e.value).startswith(f"json:{f}: row 2, field 'chosen': text that is not UTF-8 (b'\\xff' at byte ")
+    assert e.value.reason == "undecodable text"
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=str(f), split="train")  # drop: counted
+    assert [ex["row"] for ex in ds] == [0, 1, 3]
+    assert ds.dropped == {"undecodable text": 1}
+
+
+def test_lone_surrogate_file_is_an_error_naming_file_line_row_field(tmp_path, tiny_tokenizer):
+    rows = json.loads(json.dumps(ROWS))
+    rows[1]["rejected"][1]["content"] += "\ud800"  # json.dumps writes the escape "\ud800"
+    f = tmp_path / "surrogate.jsonl"
+    f.write_bytes(b"\n".join(jsonl_bytes(rows)) + b"\n\n")
+    for mode in ("error", "drop"):  # drop cannot drop a row of a file that does not load
+        with pytest.raises(BadExample) as e:
+            preference_dataset(tiny_tokenizer, source="json", data_files=str(f), split="train", on_bad_example=mode)
+        assert str(e.value) == (
+            f"{f}: line 2 (row 1), field 'rejected[1].content': a lone surrogate escape \"\\ud800\" (not Unicode text); "
+            "the file cannot be loaded, fix or delete that line"
+        )
+        assert "DatasetGenerationError" in repr(e.value.__cause__)  # what `datasets` raised
+
+
+def test_invalid_utf8_in_a_json_array_file_names_the_line(tmp_path, tiny_tokenizer):
+    lines = jsonl_bytes(ROWS)
+    lines[3] = lines[3].replace(b"Bad 3", b"Bad \xc3\x28")
+    f = tmp_path / "array.json"
+    f.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    with pytest.raises(BadExample) as e:
+        preference_dataset(tiny_tokenizer, source="json", data_files=str(f), split="train", on_bad_example="drop")
+    assert str(e.value).startswith(f"{f}: line 5, field 'rejected[1].content': bytes that are not UTF-8 (b'\\xc3' at byte ")
+
+
+def test_find_undecodable_text_passes_valid_text(tmp_path):
+    f = tmp_path / "ok.jsonl"
+    # a valid surrogate PAIR (an emoji, escaped by json.dumps), an escaped backslash before "ud800"
+    f.write_text(json.dumps({"a": "smile \U0001F600", "b": "a literal \\ud800 in text"}) + "\n\n" + json.dumps({"a": "é"}) + "\n")
+    assert "\\ud83d\\ude00" in f.read_text() and "\\\\ud800" in f.read_text()
+    assert find_undecodable_text(f) is None
+    f.write_text(f.read_text() + '{"a": "low half alone \\udc80"}\n')
+    assert find_undecodable_text(f) == f"{f}: line 4 (row 2), field 'a': a lone surrogate escape \"\\udc80\" (not Unicode text)"
+
+
+def test_lone_surrogate_reaching_a_row_is_a_bad_example(tmp_path, tiny_tokenizer, monkeypatch):
+    """A loader that hands over Python strings with a lone surrogate (none of the `datasets`
+    formats can: they store UTF-8) gets the row check: no tokenizer can encode such text."""
+    import torchtune.datasets._preference as tt_pref
+
+    rows = json.loads(json.dumps(ROWS))
+    rows[2]["chosen"][0]["content"] += "\udfff"
+    monkeypatch.setattr(tt_pref, "load_dataset", lambda *a, **k: rows)
+    with pytest.raises(BadExample) as e:
+        preference_dataset(tiny_tokenizer, source="my/hub-set", split="train", on_bad_example="error")
+    assert str(e.value) == (
+        "my/hub-set[train]: row 2, field 'chosen': message 0 holds a lone surrogate '\\udfff' at character 11: "
+        "not valid Unicode text"
+    )
+    ds = preference_dataset(tiny_tokenizer, source="my/hub-set", split="train")
+    assert ds.dropped == {"undecodable text": 1} and len(ds) == 3
