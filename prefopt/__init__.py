@@ -5,6 +5,7 @@
 - :mod:`prefopt.data`: preference datasets with princeton-style truncation, and the collate.
 - :mod:`prefopt.metrics`: the metrics TRL and princeton log, reduced over micro-batches and ranks.
 - :mod:`prefopt.config`: start-up config validation for the recipes.
+- :mod:`prefopt.checkpointing`: the start-up free-space check for checkpoints, write-error messages.
 """
 
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, ListConfig
 from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -36,6 +37,13 @@ from torchtune import config, modules, training, utils
 from torchtune.datasets import ConcatDataset
 from tqdm import tqdm
 
+from prefopt.checkpointing import (
+    check_checkpoint_space,
+    checkpoint_bytes,
+    checkpoint_write_error,
+    describe_write_error,
+    optimizer_states_per_param,
+)
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
 from prefopt.logprobs import model_sequence_logps
@@ -194,7 +202,28 @@ class SimPORecipeDistributed:
         self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
         if self._is_rank_zero:
             _check_output_dir(self._output_dir)
+            self._check_checkpoint_space()
         dist.barrier()
+
+    def _check_checkpoint_space(self) -> None:
+        """Fail before any model is built if output_dir has less free space than the first
+        checkpoint needs: the resume state (all parameters + optimizer state, summed over the
+        ranks' shards) and the epoch-end export (the full model in the compute dtype). Sizes are
+        counted on a meta-device copy of the model: no memory, no weights read."""
+        v = self._cfg
+        try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in config.instantiate(v["model"]).parameters())
+            states = optimizer_states_per_param(lambda params: config.instantiate(v["optimizer"], params))
+        except Exception as e:  # noqa: BLE001 - an estimate must not stop a run that would work
+            log.warning(f"could not estimate the checkpoint size ({e!r}); output_dir free space not checked")
+            return
+        sizes = checkpoint_bytes(
+            trainable_numel=n, trainable_dtype=self._param_dtype, optimizer_states=states,
+            export_numel=n, export_dtype=self._dtype,
+        )
+        free = check_checkpoint_space(self._output_dir, sizes, what=f"{n:,} parameters, {states} optimizer states each")
+        log.info(f"output_dir: {free:,} bytes free; the first checkpoint needs about {sizes['total']:,} bytes")
 
     def _info(self, msg: str) -> None:
         """The recipe's one logging path: rank 0 speaks for all ranks."""
@@ -579,35 +608,39 @@ class SimPORecipeDistributed:
         t0 = time.perf_counter()
         final_dir = self._output_dir / STATE_DIR / f"step_{self.global_step}"
         tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
+        # A write error on any rank (a full disk, ...) stops every rank with one message naming
+        # the folder; the partial step_<N>.tmp is removed and the previous states stay intact.
+        failed = None
         if self._is_rank_zero:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-        dist.barrier()
+            try:
+                tmp_dir.mkdir(parents=True)
+            except OSError as e:
+                failed = f"rank 0: {describe_write_error(e)}"
+        self._check_written(failed, tmp_dir)  # also the barrier: the folder exists
         model_sd, optim_sd = get_state_dict(self._model, self._optimizers)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp_dir)
         rng = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if self._device.type == "cuda" else None,
         }
-        torch.save(rng, tmp_dir / f"rng_rank{self.rank}.pt")
+        try:
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp_dir)
+            torch.save(rng, tmp_dir / f"rng_rank{self.rank}.pt")
+            if self._is_rank_zero:
+                self._save_recipe_state(tmp_dir)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            # DCP raises the same CheckpointException, naming the failed ranks, on every rank
+            failed = describe_write_error(e)
+            if not isinstance(e, CheckpointException):
+                failed = f"rank {self.rank}: {failed}"
+        self._check_written(failed, tmp_dir)  # every rank's shards and RNG are on disk
         if self._is_rank_zero:
-            state = {
-                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
-                "epochs_run": self.epochs_run,
-                "step_in_epoch": self._step_in_epoch,
-                "global_step": self.global_step,
-                "seed": self.seed,
-                "total_epochs": self.total_epochs,
-                "max_steps_per_epoch": self.max_steps_per_epoch,
-                "world_size": self.world_size,
-                "batch_size": self._batch_size,
-                "gradient_accumulation_steps": self._grad_accum,
-                "optimizer_in_bwd": self._optimizer_in_bwd,
-            }
-            torch.save(state, tmp_dir / "recipe_state.pt")
-        dist.barrier()  # every rank's shards and RNG are on disk
+            try:
+                (tmp_dir / "COMPLETE").write_text(f"step {self.global_step}, {self.world_size} processes\n")
+            except OSError as e:
+                failed = f"rank 0: {describe_write_error(e)}"
+        self._check_written(failed, tmp_dir)
         if self._is_rank_zero:
-            (tmp_dir / "COMPLETE").write_text(f"step {self.global_step}, {self.world_size} processes\n")
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp_dir, final_dir)  # atomic on POSIX: a kill leaves either nothing or a whole dir
             self._prune_resume_states()
@@ -626,6 +659,35 @@ class SimPORecipeDistributed:
             log.info(f"Full model of epoch {epoch} saved in {time.perf_counter() - t0:.1f}s")
         del full
         dist.barrier()
+
+    def _check_written(self, failed: Optional[str], tmp_dir: Path) -> None:
+        """Collective: raise the same OSError on every rank if any rank failed to write its part
+        of the resume state in ``tmp_dir`` (rank 0 removes the partial folder first)."""
+        errors: List[Any] = [None] * self.world_size
+        dist.all_gather_object(errors, failed)
+        errors = list(dict.fromkeys(e for e in errors if e))
+        if not errors:
+            return
+        if self._is_rank_zero:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise checkpoint_write_error(tmp_dir, _latest_complete(self._output_dir / STATE_DIR), errors)
+
+    def _save_recipe_state(self, tmp_dir: Path) -> None:
+        """Rank 0: what the resume needs besides the DCP shards and the RNG states."""
+        state = {
+            "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
+            "epochs_run": self.epochs_run,
+            "step_in_epoch": self._step_in_epoch,
+            "global_step": self.global_step,
+            "seed": self.seed,
+            "total_epochs": self.total_epochs,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
+            "world_size": self.world_size,
+            "batch_size": self._batch_size,
+            "gradient_accumulation_steps": self._grad_accum,
+            "optimizer_in_bwd": self._optimizer_in_bwd,
+        }
+        torch.save(state, tmp_dir / "recipe_state.pt")
 
     def _prune_resume_states(self) -> None:
         if self._keep_last is None:

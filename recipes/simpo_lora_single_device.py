@@ -34,6 +34,13 @@ from torchtune.modules.peft import (
 )
 from tqdm import tqdm
 
+from prefopt.checkpointing import (
+    check_checkpoint_space,
+    checkpoint_bytes,
+    checkpoint_write_error,
+    describe_write_error,
+    optimizer_states_per_param,
+)
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
 from prefopt.logprobs import model_sequence_logps
@@ -135,6 +142,33 @@ class SimPORecipeSingleDevice:
         self.global_step = 0
         self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
         _check_output_dir(self._output_dir)
+        self._check_checkpoint_space()
+
+    def _check_checkpoint_space(self) -> None:
+        """Fail before any model is built if output_dir has less free space than the first
+        checkpoint needs: the resume state (adapter + optimizer state) and the epoch-end export
+        (merged model + adapter, or the adapter alone). Sizes are counted on a meta-device copy
+        of the model: no memory, no weights read."""
+        v = self._cfg
+        try:
+            with torch.device("meta"):
+                model = config.instantiate(v["model"])
+            n_adapter = sum(p.numel() for p in get_adapter_params(model).values())
+            n_all = sum(p.numel() for p in model.parameters())  # NF4 weights count their full size
+            del model
+            states = optimizer_states_per_param(lambda params: config.instantiate(v["optimizer"], params))
+        except Exception as e:  # noqa: BLE001 - an estimate must not stop a run that would work
+            log.warning(f"could not estimate the checkpoint size ({e!r}); output_dir free space not checked")
+            return
+        # the merged model has the base shapes (n_all - n_adapter); the adapter is written beside it
+        export = n_adapter if v["save_adapter_weights_only"] else n_all
+        sizes = checkpoint_bytes(
+            trainable_numel=n_adapter, trainable_dtype=self._dtype, optimizer_states=states,
+            export_numel=export, export_dtype=self._dtype,
+        )
+        what = f"{n_adapter:,} adapter parameters, {states} optimizer states each; {n_all - n_adapter:,} base parameters"
+        free = check_checkpoint_space(self._output_dir, sizes, what=what)
+        log.info(f"output_dir: {free:,} bytes free; the first checkpoint needs about {sizes['total']:,} bytes")
 
     # ------------------------------------------------------------------------------------------
     def setup(self, cfg: DictConfig) -> None:
@@ -380,10 +414,16 @@ class SimPORecipeSingleDevice:
         final_dir = self._output_dir / STATE_DIR / f"step_{self.global_step}"
         tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-        torch.save(adapter, tmp_dir / "adapter.pt")
-        torch.save(state, tmp_dir / "recipe_state.pt")
-        (tmp_dir / "COMPLETE").write_text(f"step {self.global_step}\n")
+        try:
+            tmp_dir.mkdir(parents=True)
+            torch.save(adapter, tmp_dir / "adapter.pt")
+            torch.save(state, tmp_dir / "recipe_state.pt")
+            (tmp_dir / "COMPLETE").write_text(f"step {self.global_step}\n")
+        except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; the previous states stay
+            raise checkpoint_write_error(
+                tmp_dir, _latest_complete(self._output_dir / STATE_DIR), [describe_write_error(e)]
+            ) from e
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(tmp_dir, final_dir)  # atomic on POSIX: a kill leaves either nothing or a whole dir
         log.info(f"Resume state saved to {final_dir}")

@@ -1,10 +1,15 @@
-"""Reliability of the LoRA recipe: real kills, non-finite steps, unwritable output, bad data."""
+"""Reliability of the LoRA recipe: real kills, non-finite steps, unwritable output, bad data;
+and of both recipes: an output_dir too small for a checkpoint, a disk that fills up mid-run.
+(The 2-process kill test is in test_full_distributed.py, next to the run it is compared with.)"""
 
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +114,130 @@ def test_bad_rows_in_training_data_error_mode_names_file_row_field(tmp_path):
     proc = tune_run(RECIPE, CONFIG, f"output_dir={tmp_path}/d", f"dataset.data_files={data}", "batch_size=4",
                     "max_steps_per_epoch=2", "save_every_n_steps=null", *FAST)
     assert "dropped 1 of 40 rows (empty response: 1)" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk, for real: output_dir on a tmpfs of a chosen size, mounted in a private user+mount
+# namespace (`unshare`; no root needed where unprivileged user namespaces are enabled). Writes
+# past its size fail with ENOSPC, as on a full disk.
+
+FULL = "recipes/simpo_full_distributed.py"
+FULL_CONFIG = "configs/tiny/simpo_full.yaml"
+
+
+@pytest.fixture(scope="module")
+def small_fs(tmp_path_factory):
+    unshare = shutil.which("unshare")
+    probe = tmp_path_factory.mktemp("probe")
+    ok = unshare and subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
+        capture_output=True,
+    ).returncode == 0
+    if not ok:
+        pytest.skip("cannot mount a small tmpfs (unshare --user --mount is not available here)")
+
+    def run_on(size: int, mnt: Path, keep: Path, args: list, nproc: int = 0):
+        """`tune run` with a fresh tmpfs of ``size`` bytes at ``mnt``; its contents are copied
+        to ``keep`` at the end (the tmpfs goes away with the namespace)."""
+        mnt.mkdir()
+        keep.mkdir()
+        script = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; m="$2"; k="$3"; shift 3; "$@"; rc=$?; ' \
+                 'cp -a "$m/." "$k/"; exit $rc'
+        launch = ["--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+        cmd = [unshare, "--user", "--map-root-user", "--mount", "bash", "-c", script, "bash", str(size), str(mnt),
+               str(keep), tune_bin(), "run", *launch, *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc else "2", "OMP_WAIT_POLICY": "PASSIVE"}
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode != 97, proc.stderr
+        return proc
+
+    return run_on
+
+
+def _sizes(config: str, lora: bool, **overrides):
+    """What the recipe's start-up check computes, from a meta-device copy of the tiny model."""
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+    from torchtune.modules.peft import get_adapter_params
+
+    import prefopt  # noqa: F401  (registers ${prefopt_assets:...})
+    from prefopt.checkpointing import checkpoint_bytes
+
+    cfg = OmegaConf.load(REPO / config)
+    with torch.device("meta"):
+        model = tt_config.instantiate(cfg.model)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in get_adapter_params(model).values()) if lora else n_all
+    export = n_train if overrides.get("save_adapter_weights_only") else n_all
+    return checkpoint_bytes(trainable_numel=n_train, trainable_dtype=torch.float32, optimizer_states=2,
+                            export_numel=export, export_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("recipe", ["lora", "full_2proc"])
+def test_output_dir_too_small_for_a_checkpoint_reported_before_building(small_fs, tmp_path, recipe):
+    lora = recipe == "lora"
+    config = CONFIG if lora else FULL_CONFIG
+    sizes = _sizes(config, lora)
+    size = sizes["total"] - (256 << 10)  # a quarter MiB short
+    mnt = tmp_path / "mnt"
+    proc = small_fs(size, mnt, tmp_path / "keep",
+                    [RECIPE if lora else FULL, "--config", config, f"output_dir={mnt}/run", *FAST],
+                    nproc=0 if lora else 2)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"NotEnoughSpaceError: output_dir='{mnt}/run' has " in text, text[-3000:]
+    assert f"but the first checkpoint" in text and f"needs about {sizes['total']:,} bytes" in text
+    assert f"a resume state of {sizes['resume_state']:,} bytes" in text
+    assert "Model ready" not in text  # before any model was built
+
+
+def test_lora_disk_full_during_a_periodic_save_keeps_the_last_complete_state(small_fs, tmp_path):
+    """Room for the first checkpoint (the start-up check passes) and 1.5 more resume states:
+    a later periodic save hits ENOSPC. The run stops naming the folder; the states before it
+    are complete and load; the partial folder is removed."""
+    sizes = _sizes(CONFIG, lora=True, save_adapter_weights_only=True)
+    mnt, keep = tmp_path / "mnt", tmp_path / "keep"
+    proc = small_fs(sizes["total"] + 3 * sizes["resume_state"] // 2, mnt, keep,
+                    [RECIPE, "--config", CONFIG, f"output_dir={mnt}/run", "save_adapter_weights_only=True",
+                     "max_steps_per_epoch=8", "save_every_n_steps=1", "batch_size=8", *FAST])
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "bytes free; the first checkpoint needs about" in text  # the start-up check passed
+    saved = complete_steps(keep / "run")
+    assert saved and saved == list(range(1, len(saved) + 1)) and len(saved) < 8, (saved, text[-3000:])
+    failed = len(saved) + 1
+    assert (f"OSError: could not write the resume state {mnt}/run/checkpoints/step_{failed}.tmp: RuntimeError: "
+            in text), text[-3000:]
+    assert "(torch.save could not write the file: is the disk full?)" in text
+    assert f"The last complete resume state, {mnt}/run/checkpoints/step_{failed - 1}, is intact" in text
+    assert not (keep / "run" / "checkpoints" / f"step_{failed}.tmp").exists()
+    last = keep / "run" / "checkpoints" / f"step_{failed - 1}"
+    adapter = torch.load(last / "adapter.pt", weights_only=True)
+    assert adapter and all(torch.isfinite(v).all() for v in adapter.values())
+    assert torch.load(last / "recipe_state.pt", weights_only=False)["global_step"] == failed - 1
+
+
+def test_full_2proc_disk_full_during_a_periodic_save_stops_every_rank(small_fs, tmp_path):
+    """The same for the 2-process recipe: room for the first checkpoint and half a resume state
+    more, so the second save (sharded, both ranks writing) fails; one message naming the folder
+    on every rank, the first state intact and loadable."""
+    import torch.distributed.checkpoint as dcp
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    sizes = _sizes(FULL_CONFIG, lora=False)
+    mnt, keep = tmp_path / "mnt", tmp_path / "keep"
+    proc = small_fs(sizes["total"] + sizes["resume_state"] // 2, mnt, keep,
+                    [FULL, "--config", FULL_CONFIG, f"output_dir={mnt}/run", "max_steps_per_epoch=3",
+                     "save_every_n_steps=1", *FAST], nproc=2)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert complete_steps(keep / "run") == [1], text[-3000:]
+    msg = f"OSError: could not write the resume state {mnt}/run/checkpoints/step_2.tmp: rank "
+    assert msg in text, text[-3000:]
+    assert f"The last complete resume state, {mnt}/run/checkpoints/step_1, is intact" in text
+    assert not (keep / "run" / "checkpoints" / "step_2.tmp").exists()
+    cfg = OmegaConf.load(REPO / FULL_CONFIG)
+    state = {"model": tt_config.instantiate(cfg.model).state_dict()}
+    dcp.load(state, checkpoint_id=keep / "run" / "checkpoints" / "step_1")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
