@@ -11,8 +11,11 @@ rendezvous port, so parallel test sessions do not collide on 29500).
 """
 
 import os
+import random
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +220,135 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(run2, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
+
+
+def _complete_steps(out: Path) -> list:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / "COMPLETE").exists()]
+    return sorted(int(p.name.split("_")[1]) for p in done)
+
+
+def _workers(launcher: int) -> dict:
+    """{rank: pid} of torchrun's workers: the children of the `tune run` process with RANK set."""
+    kids = []
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        kids += (task / "children").read_text().split()
+    ranks = {}
+    for pid in map(int, kids):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        rank = next((e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            ranks[int(rank)] = pid
+    return ranks
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_tears_down_the_job_and_resume_matches_uninterrupted(run2, tmp_path):
+    """A real kill: SIGKILL one worker (rank chosen at random) of a 2-process run, at a random
+    moment after its first complete resume state. torchrun must stop the other rank and exit
+    non-zero; the resumed run must ignore half-written states and end with the weights of the
+    uninterrupted run (run2: the same settings)."""
+    full = run2[0]
+    rng = random.Random()
+    out = tmp_path / "killed"
+    log = tmp_path / "killed.stderr"
+    cmd = [tune_bin(), "run", "--standalone", "--nproc_per_node", "2", RECIPE, "--config", CONFIG,
+           f"output_dir={out}", "batch_size=4", *MAIN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    for attempt in range(3):  # the kill must land mid-run; retry with a shorter delay if the run won
+        with open(log, "w") as err:
+            launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        deadline = time.time() + 300
+        while not _complete_steps(out) and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0) / (attempt + 1))
+        workers = _workers(launcher.pid) if launcher.poll() is None else {}
+        victim = rng.choice(sorted(workers)) if len(workers) == 2 else None
+        try:
+            if victim is None:
+                raise ProcessLookupError
+            os.kill(workers[victim], signal.SIGKILL)
+            t_kill = time.time()
+        except ProcessLookupError:
+            launcher.kill()
+            launcher.wait()
+        else:
+            try:
+                launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                pytest.fail(f"torchrun still running 60 s after rank {victim} was killed")
+            if max(_complete_steps(out), default=STEPS) < STEPS:
+                break
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        pytest.fail("could not kill a rank before the run finished")
+    # torchrun tore the whole job down: non-zero exit, no worker left, the killed rank named
+    teardown = time.time() - t_kill
+    assert launcher.returncode not in (0, None)
+    grace = time.time() + 10
+    while any(_alive(p) for p in workers.values()) and time.time() < grace:
+        time.sleep(0.1)
+    assert not [r for r, p in workers.items() if _alive(p)], "workers left alive after torchrun exited"
+    text = log.read_text()
+    assert f"Signal 9 (SIGKILL) received by PID {workers[victim]}" in text, text[-3000:]
+    assert teardown < 60
+
+    # a kill between COMPLETE and the rename, and a folder without its marker, both newer than
+    # the last complete state and both unloadable: resume must pass over them
+    last = max(_complete_steps(out))
+    ckpts = out / "checkpoints"
+    for junk, marker in ((ckpts / f"step_{last + 1}.tmp", True), (ckpts / f"step_{last + 2}", False)):
+        junk.mkdir(exist_ok=True)
+        (junk / ".metadata").write_bytes(b"half-written")
+        (junk / "recipe_state.pt").write_bytes(b"half-written")
+        if marker:
+            (junk / "COMPLETE").write_text("step ?\n")
+    proc = run(out, "batch_size=4", *MAIN, "resume_from_checkpoint=True")
+    assert f"Resumed from {ckpts / f'step_{last}'} (saved by 2 process(es))" in proc.stdout + proc.stderr
+    a, b = losses(read_log(full)), losses(read_log(out))
+    for s in range(last + 1, STEPS + 1):
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s], f"rank {victim} killed after step {last}")
+    from safetensors.torch import load_file
+
+    wa = load_file(full / "epoch_0" / "model-00001-of-00001.safetensors")
+    wb = load_file(out / "epoch_0" / "model-00001-of-00001.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+
+
+def test_resume_ignores_half_written_states(tmp_path):
+    """The recipe's choice of the state to resume from: the newest step_<N> with COMPLETE; not a
+    step_<N>.tmp (even with its marker: killed before the rename), nor a step_<N> without one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("simpo_full_distributed_states", REPO / RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    root = tmp_path / "checkpoints"
+    assert recipe._latest_complete(root) is None
+    for name, complete in (("step_2", True), ("step_10", True), ("step_12.tmp", True), ("step_14", False),
+                           ("step_16.tmp", False), ("step_9", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "COMPLETE").write_text("x")
+    (root / "step_20").write_text("a file, not a folder")
+    assert recipe._latest_complete(root) == root / "step_10"  # numeric order: 10 after 9
+    assert [p.name for p in recipe._complete_states(root)] == ["step_2", "step_9", "step_10"]
 
 
 @pytest.mark.slow
