@@ -34,24 +34,32 @@ class NotEnoughSpaceError(OSError):
 
 def optimizer_states_per_param(make_optimizer: Callable[[list], torch.optim.Optimizer], default: int = 2) -> int:
     """How many parameter-sized tensors an optimizer keeps per parameter (SGD 0, SGD with
-    momentum 1, Adam/AdamW 2, AdamW with amsgrad 3), found by stepping a throwaway instance once
-    on a small CPU parameter. ``default`` (AdamW's 2) if that fails, e.g. for a CUDA-only
-    (fused) optimizer on a machine without one.
+    momentum 1, Adam/AdamW 2, AdamW with amsgrad 3, Adagrad 1, RMSprop 1-3), read from a
+    throwaway instance's class and ``defaults``; ``default`` (AdamW's 2) for any other optimizer
+    or if building it fails.
+
+    The instance is built but never stepped: a step would run every global optimizer hook of the
+    process (profilers, step counters) for an optimizer that does not train anything.
 
     Args:
         make_optimizer: builds the optimizer from a list of parameters, e.g.
             ``lambda params: config.instantiate(cfg.optimizer, params)``.
-        default (int): the answer when the probe cannot run.
+        default (int): the answer for optimizers not listed above.
     """
-    numel = 7  # no optimizer keeps a scalar ("step") of this size
     try:
-        p = torch.nn.Parameter(torch.ones(numel))
-        opt = make_optimizer([p])
-        p.grad = torch.full_like(p, 0.5)
-        opt.step()
-        return sum(1 for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.numel() == numel)
+        opt = make_optimizer([torch.nn.Parameter(torch.ones(7))])
     except Exception:  # noqa: BLE001 - an estimate: any failure falls back to the default
         return default
+    d = opt.defaults
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        return 3 if d.get("amsgrad") else 2
+    if isinstance(opt, torch.optim.SGD):
+        return 1 if d.get("momentum", 0) else 0
+    if isinstance(opt, torch.optim.Adagrad):
+        return 1
+    if isinstance(opt, torch.optim.RMSprop):
+        return 1 + bool(d.get("momentum", 0)) + bool(d.get("centered"))
+    return default
 
 
 def checkpoint_bytes(

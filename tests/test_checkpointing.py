@@ -78,3 +78,16 @@ def test_write_error_messages(tmp_path):
     assert str(err).startswith(f"could not write the resume state {tmp}: rank 1: OSError: disk full. "
                                f"The last complete resume state, {tmp_path}/checkpoints/step_2, is intact: make room (")
     assert "No complete resume state exists yet" in str(checkpoint_write_error(tmp, None, ["x"]))
+
+
+def test_optimizer_probe_does_not_step_anything():
+    # A step would run the process's global optimizer hooks (profilers, the benchmark's step clock).
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(opt))
+    try:
+        assert optimizer_states_per_param(lambda p: torch.optim.AdamW(p, lr=1e-3)) == 2
+    finally:
+        handle.remove()
+    assert calls == []
