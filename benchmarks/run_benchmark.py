@@ -232,14 +232,14 @@ def make_config(tool: str, a, assets, out_dir: Path) -> Dict[str, Any]:
     if tool == "ours_lora":
         cfg = _common(a, assets, out_dir, lora_model)
         cfg.update(dataset=ours_data, loss=simpo, lr_scheduler=None, clip_grad_norm=None, log_peak_memory_stats=True,
-                   num_output_chunks=8, save_every_n_steps=None, save_adapter_weights_only=True)
+                   save_every_n_steps=None, save_adapter_weights_only=True)
     elif tool == "tt_lora_dpo":
         cfg = _common(a, assets, out_dir, lora_model)
         cfg.update(dataset=tt_data, loss=dpo, log_peak_memory_stats=False, save_adapter_weights_only=True)
     elif tool == "ours_full":
         cfg = _common(a, assets, out_dir, full_model)
         cfg.update(dataset=ours_data, loss=simpo, lr_scheduler=None, clip_grad_norm=None, log_peak_memory_stats=True,
-                   num_output_chunks=8, save_every_n_steps=None, optimizer_in_bwd=False)
+                   save_every_n_steps=None, optimizer_in_bwd=False)
     elif tool == "tt_full_dpo":
         cfg = _common(a, assets, out_dir, full_model)
         ref = dict(cfg["checkpointer"])

@@ -169,7 +169,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for s, e in _chunk_bounds(h.shape[0], num_chunks):
             logits = F.linear(h[s:e], weight).float()
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            torch.logsumexp(logits, dim=-1, out=lse[s:e])
             out[s:e] = logits.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
             del logits
         ctx.save_for_backward(h, weight, targets, lse)
@@ -186,8 +186,9 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for s, e in _chunk_bounds(h.shape[0], ctx.num_chunks):
             # d/dlogits [logit_t - lse] = onehot(t) - softmax, scaled by the incoming gradient.
-            g = torch.exp(F.linear(h[s:e], weight).float() - lse[s:e, None])
-            g.mul_(-grad_out[s:e, None])
+            # In place: one [chunk, V] float32 buffer at a time (two for a low-precision model).
+            g = F.linear(h[s:e], weight).float()
+            g.sub_(lse[s:e, None]).exp_().mul_(-grad_out[s:e, None])
             g.scatter_add_(-1, targets[s:e, None], grad_out[s:e, None])
             if need_h:
                 grad_h[s:e] = g.to(h.dtype) @ weight
@@ -200,7 +201,7 @@ class _LinearTokenLogps(torch.autograd.Function):
 
 
 def linear_token_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int = 8
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int = 16
 ) -> torch.Tensor:
     """``log_softmax(hidden @ weight.T)[targets]`` without keeping the logits for backward.
 
@@ -255,7 +256,7 @@ def model_sequence_logps(
     tokens: torch.Tensor,
     labels: torch.Tensor,
     *,
-    num_chunks: int = 8,
+    num_chunks: int = 16,
     average: bool = True,
     ignore_index: int = -100,
 ) -> SequenceLogps:

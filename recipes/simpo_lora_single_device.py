@@ -74,7 +74,7 @@ CONFIG_SPEC = {
     "compile": Key(bool, default=False),
     "enable_activation_checkpointing": Key(bool, default=False),
     "enable_activation_offloading": Key(bool, default=False),
-    "num_output_chunks": Key(int, default=8, check=at_least(1)),
+    "num_output_chunks": Key(int, default=16, check=at_least(1)),
     "log_every_n_steps": Key(int, default=1, check=at_least(1)),
     "log_peak_memory_stats": Key(bool, default=False),
     "eval_every_n_steps": Key((int, type(None)), default=None, check=at_least(1)),
@@ -272,7 +272,8 @@ class SimPORecipeSingleDevice:
         labels = batch["labels"].to(self._device)
         b = tokens.shape[0] // 2
         # Only the positions that predict a response token go through the output layer, fused
-        # with the log-softmax so that no [tokens, vocab] logits are kept for backward.
+        # with the log-softmax so that no [tokens, vocab] logits are kept for backward. 16 chunks
+        # of the response positions are about the size of torchtune's 8 chunks of whole sequences.
         with self._activations_ctx:
             out = model_sequence_logps(self._model, tokens, labels, num_chunks=self._num_output_chunks)
         chosen = type(out)(*(t[:b] for t in out))
