@@ -32,7 +32,8 @@ from prefopt.loss import SimPOLoss
 
 SHAPE = dict(num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=256, intermediate_dim=688, max_seq_len=4096, norm_eps=1e-5)
 LORA = dict(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=False, apply_lora_to_output=False, lora_rank=8, lora_alpha=16, lora_dropout=0.0)
-NUM_OUTPUT_CHUNKS = 8
+NUM_OUTPUT_CHUNKS = 8  # chunked_logits / response_only: the pre-profile recipe setting
+OURS_CHUNKS = 16  # the recipes' num_output_chunks default (chunks of the response positions)
 
 
 def build_model(vocab: int, lora: bool = True, seed: int = 0) -> torch.nn.Module:
@@ -71,7 +72,7 @@ def _split(logps: torch.Tensor, loss_fn) -> torch.Tensor:
 
 
 def step_ours(model, tokens, labels, loss_fn):
-    out = model_sequence_logps(model, tokens, labels, num_chunks=NUM_OUTPUT_CHUNKS)
+    out = model_sequence_logps(model, tokens, labels, num_chunks=OURS_CHUNKS)
     return _split(out.logps, loss_fn)
 
 

@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, required=True)
     p.add_argument("--vocab", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=4, help="pairs")
-    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--chunks", type=int, default=None, help="override the chunk count of every variant")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ac", action="store_true", help="activation checkpointing of every decoder layer (torchtune's)")
     a = p.parse_args()
@@ -41,7 +41,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     import benchmarks._steps as st
 
-    st.NUM_OUTPUT_CHUNKS = a.chunks
+    if a.chunks:
+        st.NUM_OUTPUT_CHUNKS = st.OURS_CHUNKS = a.chunks
     prompt = (a.seq - 2) // 2
     tokens, labels = make_batch(a.batch_size, prompt, a.seq - 2 - prompt, a.vocab)
     model = build_model(a.vocab, lora=True)

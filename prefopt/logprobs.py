@@ -159,19 +159,50 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     Saves ``h``, ``W`` (both already alive: the activation and the parameter) and a float32
     log-sum-exp per row; backward recomputes each chunk's logits (one extra ``[chunk, d] x [d, V]``
-    matmul) instead of keeping ``[N, V]`` logits from forward. The float32 softmax exists for
-    one chunk at a time in both passes.
+    matmul) instead of keeping ``[N, V]`` logits from forward.
+
+    Each pass allocates one float32 ``[chunk, V]`` buffer (plus one in the model's dtype for a
+    low-precision model) and reuses it for every chunk, doing the softmax arithmetic in place:
+    a fresh vocab-sized tensor per chunk and per op costs page faults (CPU) or allocator churn.
     """
+
+    @staticmethod
+    def _projection(weight):
+        """``W.T`` for ``h @ W.T``. On CPU a contiguous ``[d, V]`` copy (made once per pass):
+        MKL multiplies it about 20-30% faster than the transposed view (measured 29 -> 24 ms for
+        [96, 256] x [256, 32000] on 2 cores). CUDA's GEMMs take the view at full speed."""
+        return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
+
+    @staticmethod
+    def _logits_into(h_chunk, weight_t, buf, fbuf):
+        """float32 logits of ``h_chunk`` written into the reused buffer(s); returns the view."""
+        n = h_chunk.shape[0]
+        torch.mm(h_chunk, weight_t, out=buf[:n])
+        if fbuf is None:
+            return buf[:n]
+        return fbuf[:n].copy_(buf[:n])
+
+    @staticmethod
+    def _buffers(h, weight, rows):
+        buf = torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
+        fbuf = None if h.dtype == torch.float32 else torch.empty(buf.shape, dtype=torch.float32, device=h.device)
+        return buf, fbuf
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int):
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        for s, e in _chunk_bounds(h.shape[0], num_chunks):
-            logits = F.linear(h[s:e], weight).float()
-            torch.logsumexp(logits, dim=-1, out=lse[s:e])
-            out[s:e] = logits.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
-            del logits
+        bounds = _chunk_bounds(h.shape[0], num_chunks)
+        buf, fbuf = _LinearTokenLogps._buffers(h, weight, bounds[0][1] - bounds[0][0] if bounds else 0)
+        weight_t = _LinearTokenLogps._projection(weight)
+        for s, e in bounds:
+            logits = _LinearTokenLogps._logits_into(h[s:e], weight_t, buf, fbuf)
+            picked = logits.gather(-1, targets[s:e, None]).squeeze(-1)
+            # log-sum-exp in place: max, subtract, exp, sum (the buffer is overwritten).
+            m = logits.amax(dim=-1)
+            lse[s:e] = logits.sub_(m[:, None]).exp_().sum(dim=-1).log_().add_(m)
+            out[s:e] = picked - lse[s:e]
+        del buf, fbuf, weight_t
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.num_chunks = num_chunks
         return out
@@ -184,17 +215,20 @@ class _LinearTokenLogps(torch.autograd.Function):
         # Accumulate the weight gradient over chunks in float32: with a bf16 weight, adding
         # num_chunks partial products in bf16 would round each time (one matmul would not).
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for s, e in _chunk_bounds(h.shape[0], ctx.num_chunks):
+        bounds = _chunk_bounds(h.shape[0], ctx.num_chunks)
+        buf, fbuf = _LinearTokenLogps._buffers(h, weight, bounds[0][1] - bounds[0][0] if bounds else 0)
+        weight_t = _LinearTokenLogps._projection(weight)
+        for s, e in bounds:
             # d/dlogits [logit_t - lse] = onehot(t) - softmax, scaled by the incoming gradient.
-            # In place: one [chunk, V] float32 buffer at a time (two for a low-precision model).
-            g = F.linear(h[s:e], weight).float()
+            g = _LinearTokenLogps._logits_into(h[s:e], weight_t, buf, fbuf)
             g.sub_(lse[s:e, None]).exp_().mul_(-grad_out[s:e, None])
             g.scatter_add_(-1, targets[s:e, None], grad_out[s:e, None])
             if need_h:
-                grad_h[s:e] = g.to(h.dtype) @ weight
+                g_low = g if fbuf is None else buf[: e - s].copy_(g)
+                torch.mm(g_low, weight, out=grad_h[s:e])
             if need_w:
                 grad_w.addmm_(g.t(), h[s:e].float())
-            del g
+        del buf, fbuf, weight_t
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None
