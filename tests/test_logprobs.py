@@ -123,8 +123,12 @@ def _tiny(kind: str):
     shape = dict(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=32, max_seq_len=32)
     if kind == "linear":  # nn.Linear output: the fused path
         return llama2(**shape)
-    if kind == "tied":  # TiedLinear output (qwen2.5 0.5B-3B, gemma2): the fused path
+    if kind == "tied":  # TiedLinear output (qwen2.5 0.5B-3B, llama3.2): the fused path
         return qwen2(**shape, intermediate_dim=64, tie_word_embeddings=True)
+    if kind == "gemma2":  # TiedLinear, and a final norm that soft-caps: unembed must keep model.norm
+        from torchtune.models.gemma2 import gemma2
+
+        return gemma2(**shape, head_dim=16, intermediate_dim=64, final_capping_value=1.0)
     # LoRA on the output layer: the module path (chunks of the scored positions through model.output)
     model = lora_llama2(["q_proj", "v_proj"], apply_lora_to_output=True, lora_rank=4, lora_alpha=8, **shape)
     for name, p in model.named_parameters():
@@ -133,7 +137,7 @@ def _tiny(kind: str):
     return model
 
 
-@pytest.mark.parametrize("kind", ["linear", "tied", "lora_output"])
+@pytest.mark.parametrize("kind", ["linear", "tied", "gemma2", "lora_output"])
 @pytest.mark.parametrize("average", [True, False])
 def test_model_sequence_logps_equals_whole_logits_path_with_gradients(kind, average):
     from prefopt.logprobs import model_sequence_logps
