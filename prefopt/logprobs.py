@@ -24,6 +24,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchtune.modules import TiedLinear
 
 __all__ = ["SequenceLogps", "model_sequence_logps", "sequence_logps", "token_logps", "linear_token_logps"]
 
@@ -61,6 +62,25 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         torch.Tensor: ``[...]`` float32 log-probs; differentiable w.r.t. ``logits``.
     """
     return _TokenLogps.apply(logits, targets)
+
+
+def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(targets [b, s], mask [b, s], num_tokens [b]): position t's target is labels[t + 1] (the
+    labels are shifted instead of the logits, so chunks need no re-slicing; the last position
+    predicts nothing). Raises ValueError naming the rows with no labelled token: a mean over
+    zero tokens would be NaN, or a silent 0 with an epsilon."""
+    bsz = labels.shape[0]
+    targets = torch.cat([labels[:, 1:], labels.new_full((bsz, 1), ignore_index)], dim=1)
+    mask = targets != ignore_index
+    num_tokens = mask.sum(-1)
+    empty = (num_tokens == 0).nonzero().flatten()
+    if empty.numel() > 0:
+        raise ValueError(
+            f"rows {empty.tolist()} of the batch have no response tokens (every label is "
+            f"{ignore_index}): their average log-prob is undefined. Drop such examples in the "
+            "dataset (prefopt.data.preference_dataset does) or check the data's truncation."
+        )
+    return targets, mask, num_tokens
 
 
 class SequenceLogps(NamedTuple):
@@ -115,20 +135,7 @@ def sequence_logps(
         raise ValueError(
             f"logits chunks {[tuple(c.shape) for c in chunks]} do not match labels {tuple(labels.shape)}"
         )
-    # Shift the labels instead of the logits, so that chunks need no re-slicing: the target of
-    # position t is labels[t + 1]; the last position predicts nothing.
-    targets = torch.cat(
-        [labels[:, 1:], labels.new_full((bsz, 1), ignore_index)], dim=1
-    )
-    mask = targets != ignore_index
-    num_tokens = mask.sum(-1)
-    empty = (num_tokens == 0).nonzero().flatten()
-    if empty.numel() > 0:
-        raise ValueError(
-            f"rows {empty.tolist()} of the batch have no response tokens (every label is "
-            f"{ignore_index}): their average log-prob is undefined. Drop such examples in the "
-            "dataset (prefopt.data.preference_dataset does) or check the data's truncation."
-        )
+    targets, mask, num_tokens = _shifted_targets(labels, ignore_index)
     safe_targets = targets.masked_fill(~mask, 0)
 
     total = labels.new_zeros((bsz,), dtype=torch.float32)
@@ -176,7 +183,9 @@ class _LinearTokenLogps(torch.autograd.Function):
         return fbuf[:n].copy_(buf[:n])
 
     @staticmethod
-    def _buffers(h, weight, rows):
+    def _buffers(h, weight, bounds):
+        """The reused ``[chunk, V]`` buffer(s) for the largest (first) chunk of ``bounds``."""
+        rows = bounds[0][1] - bounds[0][0] if bounds else 0
         buf = torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
         fbuf = None if h.dtype == torch.float32 else torch.empty(buf.shape, dtype=torch.float32, device=h.device)
         return buf, fbuf
@@ -186,7 +195,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         bounds = _chunk_bounds(h.shape[0], num_chunks)
-        buf, fbuf = _LinearTokenLogps._buffers(h, weight, bounds[0][1] - bounds[0][0] if bounds else 0)
+        buf, fbuf = _LinearTokenLogps._buffers(h, weight, bounds)
         # W.T as a view: a contiguous [d, V] copy made MKL's GEMM ~20% faster on CPU but added a
         # weight-sized buffer to the peak; memory first.
         weight_t = weight.t()
@@ -211,7 +220,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         # num_chunks partial products in bf16 would round each time (one matmul would not).
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         bounds = _chunk_bounds(h.shape[0], ctx.num_chunks)
-        buf, fbuf = _LinearTokenLogps._buffers(h, weight, bounds[0][1] - bounds[0][0] if bounds else 0)
+        buf, fbuf = _LinearTokenLogps._buffers(h, weight, bounds)
         weight_t = weight.t()
         for s, e in bounds:
             # d/dlogits [logit_t - lse] = onehot(t) - softmax, scaled by the incoming gradient.
@@ -258,8 +267,6 @@ def _plain_weight(output: object) -> Optional[torch.Tensor]:
     """The ``[V, d]`` weight when the output layer is a bias-free linear map over a plain tensor
     (nn.Linear, torchtune's TiedLinear); None for anything else (LoRA on the output, NF4, ...),
     which then goes through the module itself."""
-    from torchtune.modules import TiedLinear
-
     if isinstance(output, TiedLinear):
         weight = output.tied_module.weight
     elif type(output) is nn.Linear and output.bias is None:
@@ -324,16 +331,7 @@ def model_sequence_logps(
     if labels.dim() != 2 or tokens.shape != labels.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must both be [batch, seq]")
     bsz, seq_len = labels.shape
-    targets = torch.cat([labels[:, 1:], labels.new_full((bsz, 1), ignore_index)], dim=1)
-    mask = targets != ignore_index
-    num_tokens = mask.sum(-1)
-    empty = (num_tokens == 0).nonzero().flatten()
-    if empty.numel() > 0:
-        raise ValueError(
-            f"rows {empty.tolist()} of the batch have no response tokens (every label is "
-            f"{ignore_index}): their average log-prob is undefined. Drop such examples in the "
-            "dataset (prefopt.data.preference_dataset does) or check the data's truncation."
-        )
+    targets, mask, num_tokens = _shifted_targets(labels, ignore_index)
     rows = torch.arange(bsz, device=labels.device).unsqueeze(1).expand(bsz, seq_len)[mask]
     scored_targets = targets[mask]
 
@@ -360,9 +358,5 @@ def model_sequence_logps(
         tok, logits_sum = model(tokens)
     total = torch.zeros(bsz, dtype=torch.float32, device=tok.device).index_add(0, rows, tok)
     logps = total / num_tokens if average else total
-    vocab = _vocab_size(model)
+    vocab = model.tok_embeddings.num_embeddings
     return SequenceLogps(logps, num_tokens, logits_sum / (seq_len * vocab))
-
-
-def _vocab_size(model: nn.Module) -> int:
-    return model.tok_embeddings.num_embeddings
