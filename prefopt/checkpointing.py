@@ -7,6 +7,10 @@ writes: ONE resume state (trainable weights + optimizer state) and the epoch-end
 model in the compute dtype); a run that keeps several resume states needs a multiple of the
 resume state (see ``keep_last_n_checkpoints`` in the full recipe). Pure functions, no torch
 distributed: the recipes decide which rank checks.
+
+Resume states live in ``<output_dir>/checkpoints/step_<N>/``; a recipe writes one into
+``step_<N>.tmp``, writes a ``COMPLETE`` marker last and renames the folder, so a kill during a save
+leaves no complete-looking state. :func:`complete_states` / :func:`latest_complete` read that layout.
 """
 
 import shutil
@@ -16,6 +20,9 @@ from typing import Callable, List, Optional, Union
 import torch
 
 __all__ = [
+    "check_output_dir",
+    "complete_states",
+    "latest_complete",
     "NotEnoughSpaceError",
     "optimizer_states_per_param",
     "checkpoint_bytes",
@@ -26,6 +33,37 @@ __all__ = [
 
 # .metadata of torch.distributed.checkpoint, recipe_state.pt, RNG states, config and logs.
 OVERHEAD_BYTES = 1 << 20
+
+
+def check_output_dir(path: Path) -> None:
+    """Create ``path`` and write a 4 KiB probe file into it; fail before any model is built if
+    checkpoints could not be written.
+
+    Raises:
+        OSError: naming ``output_dir`` and the underlying error.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output_dir={str(path)!r} is not writable: {e}") from e
+
+
+def complete_states(root: Path) -> List[Path]:
+    """``step_<N>`` folders under ``root`` that have their ``COMPLETE`` marker, oldest first
+    (numeric order): not a ``step_<N>.tmp`` (killed before the rename), nor a folder without one."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "COMPLETE").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_complete(root: Path) -> Optional[Path]:
+    """The newest of :func:`complete_states`, or None."""
+    done = complete_states(root)
+    return done[-1] if done else None
 
 
 class NotEnoughSpaceError(OSError):

@@ -39,6 +39,9 @@ from tqdm import tqdm
 
 from prefopt.checkpointing import (
     check_checkpoint_space,
+    check_output_dir,
+    complete_states,
+    latest_complete,
     checkpoint_bytes,
     checkpoint_write_error,
     describe_write_error,
@@ -201,7 +204,7 @@ class SimPORecipeDistributed:
         self.global_step = 0
         self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
         if self._is_rank_zero:
-            _check_output_dir(self._output_dir)
+            check_output_dir(self._output_dir)
             self._check_checkpoint_space()
         dist.barrier()
 
@@ -671,7 +674,7 @@ class SimPORecipeDistributed:
             return
         if self._is_rank_zero:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise checkpoint_write_error(tmp_dir, _latest_complete(self._output_dir / STATE_DIR), errors)
+        raise checkpoint_write_error(tmp_dir, latest_complete(self._output_dir / STATE_DIR), errors)
 
     def _save_recipe_state(self, tmp_dir: Path) -> None:
         """Rank 0: what the resume needs besides the DCP shards and the RNG states."""
@@ -693,11 +696,11 @@ class SimPORecipeDistributed:
     def _prune_resume_states(self) -> None:
         if self._keep_last is None:
             return
-        for old in _complete_states(self._output_dir / STATE_DIR)[: -self._keep_last]:
+        for old in complete_states(self._output_dir / STATE_DIR)[: -self._keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _load_resume_state(self) -> None:
-        ckpt_dir = _latest_complete(self._output_dir / STATE_DIR) if self._is_rank_zero else None
+        ckpt_dir = latest_complete(self._output_dir / STATE_DIR) if self._is_rank_zero else None
         box = [ckpt_dir]
         dist.broadcast_object_list(box, src=0)  # every rank loads the folder rank 0 chose
         ckpt_dir = box[0]
@@ -798,30 +801,6 @@ def _memory_stats(device: torch.device) -> Dict[str, float]:
         return training.get_memory_stats(device=device)
     # ru_maxrss is in KiB on Linux: the peak RSS of this (rank 0's) process so far.
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def _check_output_dir(path: Path) -> None:
-    """Fail before any model is built if checkpoints could not be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output_dir={str(path)!r} is not writable: {e}") from e
-
-
-def _complete_states(root: Path) -> List[Path]:
-    """step_<N> folders that have their COMPLETE marker (a killed save leaves none), oldest first."""
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "COMPLETE").exists()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-
-def _latest_complete(root: Path) -> Optional[Path]:
-    done = _complete_states(root)
-    return done[-1] if done else None
 
 
 @config.parse

@@ -36,6 +36,8 @@ from tqdm import tqdm
 
 from prefopt.checkpointing import (
     check_checkpoint_space,
+    check_output_dir,
+    latest_complete,
     checkpoint_bytes,
     checkpoint_write_error,
     describe_write_error,
@@ -141,7 +143,7 @@ class SimPORecipeSingleDevice:
         self.epochs_run = 0
         self.global_step = 0
         self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
-        _check_output_dir(self._output_dir)
+        check_output_dir(self._output_dir)
         self._check_checkpoint_space()
 
     def _check_checkpoint_space(self) -> None:
@@ -423,7 +425,7 @@ class SimPORecipeSingleDevice:
         except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
             shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; the previous states stay
             raise checkpoint_write_error(
-                tmp_dir, _latest_complete(self._output_dir / STATE_DIR), [describe_write_error(e)]
+                tmp_dir, latest_complete(self._output_dir / STATE_DIR), [describe_write_error(e)]
             ) from e
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(tmp_dir, final_dir)  # atomic on POSIX: a kill leaves either nothing or a whole dir
@@ -459,7 +461,7 @@ class SimPORecipeSingleDevice:
                     os.replace(f, epoch_dir / "adapter" / f.name)
 
     def _load_resume_state(self) -> None:
-        ckpt_dir = _latest_complete(self._output_dir / STATE_DIR)
+        ckpt_dir = latest_complete(self._output_dir / STATE_DIR)
         if ckpt_dir is None:
             raise FileNotFoundError(
                 f"resume_from_checkpoint=True but {self._output_dir / STATE_DIR} holds no complete checkpoint "
@@ -496,25 +498,6 @@ def _memory_stats(device: torch.device) -> Dict[str, float]:
         return training.get_memory_stats(device=device)
     # ru_maxrss is in KiB on Linux: the peak RSS of this process so far.
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def _check_output_dir(path: Path) -> None:
-    """Fail before any model is built if checkpoints could not be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output_dir={str(path)!r} is not writable: {e}") from e
-
-
-def _latest_complete(root: Path) -> Optional[Path]:
-    """Newest step_<N> folder that has its COMPLETE marker (a killed save leaves none)."""
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "COMPLETE").exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
 @config.parse

@@ -40,6 +40,13 @@ def read_log(output_dir) -> dict:
     return read_disk_log(Path(output_dir) / "logs")
 
 
+def complete_steps(output_dir) -> list:
+    """Steps N of the complete resume states under <output_dir>/checkpoints, oldest first."""
+    from prefopt.checkpointing import complete_states
+
+    return [int(p.name.split("_")[1]) for p in complete_states(Path(output_dir) / "checkpoints")]
+
+
 def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 0, timeout: int = 600, check: bool = True):
     """`tune run` from the repo root, as the README shows it; returns the CompletedProcess."""
     import subprocess

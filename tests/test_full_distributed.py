@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import REPO, TINY, read_log, tune_bin
+from conftest import REPO, TINY, complete_steps, read_log, tune_bin
 
 RECIPE = "recipes/simpo_full_distributed.py"
 CONFIG = "configs/tiny/simpo_full.yaml"
@@ -222,14 +222,6 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(run2, tmp_path):
         assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
 
 
-def _complete_steps(out: Path) -> list:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / "COMPLETE").exists()]
-    return sorted(int(p.name.split("_")[1]) for p in done)
-
-
 def _workers(launcher: int) -> dict:
     """{rank: pid} of torchrun's workers: the children of the `tune run` process with RANK set."""
     kids = []
@@ -272,7 +264,7 @@ def test_sigkill_of_one_rank_tears_down_the_job_and_resume_matches_uninterrupted
         with open(log, "w") as err:
             launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=env)
         deadline = time.time() + 300
-        while not _complete_steps(out) and launcher.poll() is None and time.time() < deadline:
+        while not complete_steps(out) and launcher.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 1.0) / (attempt + 1))
         workers = _workers(launcher.pid) if launcher.poll() is None else {}
@@ -291,7 +283,7 @@ def test_sigkill_of_one_rank_tears_down_the_job_and_resume_matches_uninterrupted
             except subprocess.TimeoutExpired:
                 launcher.kill()
                 pytest.fail(f"torchrun still running 60 s after rank {victim} was killed")
-            if max(_complete_steps(out), default=STEPS) < STEPS:
+            if max(complete_steps(out), default=STEPS) < STEPS:
                 break
         shutil.rmtree(out, ignore_errors=True)
     else:
@@ -309,7 +301,7 @@ def test_sigkill_of_one_rank_tears_down_the_job_and_resume_matches_uninterrupted
 
     # a kill between COMPLETE and the rename, and a folder without its marker, both newer than
     # the last complete state and both unloadable: resume must pass over them
-    last = max(_complete_steps(out))
+    last = max(complete_steps(out))
     ckpts = out / "checkpoints"
     for junk, marker in ((ckpts / f"step_{last + 1}.tmp", True), (ckpts / f"step_{last + 2}", False)):
         junk.mkdir(exist_ok=True)
@@ -332,23 +324,21 @@ def test_sigkill_of_one_rank_tears_down_the_job_and_resume_matches_uninterrupted
 
 
 def test_resume_ignores_half_written_states(tmp_path):
-    """The recipe's choice of the state to resume from: the newest step_<N> with COMPLETE; not a
-    step_<N>.tmp (even with its marker: killed before the rename), nor a step_<N> without one."""
-    import importlib.util
+    """The recipes' choice of the state to resume from (prefopt.checkpointing.latest_complete): the
+    newest step_<N> with COMPLETE; not a step_<N>.tmp (even with its marker: killed before the
+    rename), nor a step_<N> without one."""
+    from prefopt.checkpointing import complete_states, latest_complete
 
-    spec = importlib.util.spec_from_file_location("simpo_full_distributed_states", REPO / RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     root = tmp_path / "checkpoints"
-    assert recipe._latest_complete(root) is None
+    assert latest_complete(root) is None
     for name, complete in (("step_2", True), ("step_10", True), ("step_12.tmp", True), ("step_14", False),
                            ("step_16.tmp", False), ("step_9", True)):
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / "COMPLETE").write_text("x")
     (root / "step_20").write_text("a file, not a folder")
-    assert recipe._latest_complete(root) == root / "step_10"  # numeric order: 10 after 9
-    assert [p.name for p in recipe._complete_states(root)] == ["step_2", "step_9", "step_10"]
+    assert latest_complete(root) == root / "step_10"  # numeric order: 10 after 9
+    assert [p.name for p in complete_states(root)] == ["step_2", "step_9", "step_10"]
 
 
 @pytest.mark.slow

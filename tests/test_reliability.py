@@ -15,19 +15,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import REPO, read_log, tune_bin, tune_run
+from conftest import REPO, complete_steps, read_log, tune_bin, tune_run
 
 RECIPE = "recipes/simpo_lora_single_device.py"
 CONFIG = "configs/tiny/simpo_lora.yaml"
 pytestmark = pytest.mark.slow
 FAST = ["eval_dataset=null", "eval_every_n_steps=null"]
-
-
-def complete_steps(out):
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / "COMPLETE").exists())
 
 
 def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path):
