@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from torchtune.rlhf import get_batch_log_probs
 
-from prefopt.logprobs import model_sequence_logps, sequence_logps, token_logps
+from prefopt.logprobs import _chunk_bounds, model_sequence_logps, sequence_logps, token_logps
 from prefopt.loss import SimPOLoss
 
 SHAPE = dict(num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=256, intermediate_dim=688, max_seq_len=4096, norm_eps=1e-5)
@@ -108,17 +108,12 @@ def _scored(labels: torch.Tensor):
     return mask, targets[mask], rows, mask.sum(-1)
 
 
-def _chunk_rows(n: int, num_chunks: int):
-    size = -(-n // num_chunks)
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
 def step_response_only(model, tokens, labels, loss_fn):
     h = hidden_states(model, tokens)
     mask, tgt, rows, counts = _scored(labels)
     hs = h[mask]  # [N, d]
     del h
-    tok = torch.cat([token_logps(model.output(hs[s:e]), tgt[s:e]) for s, e in _chunk_rows(hs.shape[0], NUM_OUTPUT_CHUNKS)])
+    tok = torch.cat([token_logps(model.output(hs[s:e]), tgt[s:e]) for s, e in _chunk_bounds(hs.shape[0], NUM_OUTPUT_CHUNKS)])
     total = torch.zeros(labels.shape[0], dtype=torch.float32).index_add(0, rows, tok)
     return _split(total / counts, loss_fn)
 
@@ -131,7 +126,7 @@ def step_response_only_ce(model, tokens, labels, loss_fn):
     hs = h[mask]
     del h
     tok = torch.cat([-F.cross_entropy(model.output(hs[s:e]).float(), tgt[s:e], reduction="none")
-                     for s, e in _chunk_rows(hs.shape[0], NUM_OUTPUT_CHUNKS)])
+                     for s, e in _chunk_bounds(hs.shape[0], NUM_OUTPUT_CHUNKS)])
     total = torch.zeros(labels.shape[0], dtype=torch.float32).index_add(0, rows, tok)
     return _split(total / counts, loss_fn)
 
