@@ -25,6 +25,8 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, ChosenRejectedToMessages
 from torchtune.datasets import PreferenceDataset as _TorchtunePreferenceDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+from prefopt.logprobs import score_plan_from_labels
+
 __all__ = [
     "PreferenceDataset",
     "preference_dataset",
@@ -448,8 +450,13 @@ def padded_collate_preference(
         pad_to_multiple_of (int): round the padded length up to a multiple of this.
 
     Returns:
-        Dict[str, torch.Tensor]: ``tokens`` [2b, s], ``labels`` [2b, s], ``rows`` [b], and
-        ``num_tokens`` (0-d: real, non-padding tokens in the batch, for throughput figures).
+        Dict[str, Any]: ``tokens`` [2b, s], ``labels`` [2b, s], ``plan`` (the
+        :class:`~prefopt.logprobs.ScorePlan`), ``rows`` [b], ``num_tokens`` (0-d: real,
+        non-padding tokens in the batch, for throughput figures) and ``chosen_tokens`` (0-d:
+        scored chosen tokens).
+
+    Raises:
+        ValueError: naming the rows of the batch with no scored token.
     """
     ids = [torch.tensor(ex[f"{k}_input_ids"]) for k in ("chosen", "rejected") for ex in batch]
     labels = [torch.tensor(ex[f"{k}_labels"]) for k in ("chosen", "rejected") for ex in batch]
@@ -460,5 +467,15 @@ def padded_collate_preference(
         tokens = torch.nn.functional.pad(tokens, (0, extra), value=padding_idx)
         labels_t = torch.nn.functional.pad(labels_t, (0, extra), value=ignore_idx)
     rows = torch.tensor([ex.get("row", -1) for ex in batch])
-    num_tokens = torch.tensor(sum(len(x) for x in ids))
-    return {"tokens": tokens, "labels": labels_t, "rows": rows, "num_tokens": num_tokens}
+    seq_lens = torch.tensor([len(x) for x in ids])
+    # which positions score which tokens, built here on the CPU: the training step then needs
+    # no device sync to find them (prefopt.logprobs.ScorePlan)
+    plan = score_plan_from_labels(labels_t, ignore_idx, seq_lens=seq_lens)
+    return {
+        "tokens": tokens,
+        "labels": labels_t,
+        "plan": plan,
+        "rows": rows,
+        "num_tokens": seq_lens.sum(),
+        "chosen_tokens": plan.seq_num_tokens[: len(batch)].sum(),
+    }

@@ -26,7 +26,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchtune.modules import TiedLinear
 
-__all__ = ["SequenceLogps", "model_sequence_logps", "sequence_logps", "token_logps", "linear_token_logps"]
+__all__ = [
+    "SequenceLogps",
+    "ScorePlan",
+    "score_plan_from_labels",
+    "scored_token_logps",
+    "model_sequence_logps",
+    "sequence_logps",
+    "token_logps",
+    "linear_token_logps",
+]
 
 
 class _TokenLogps(torch.autograd.Function):
@@ -75,11 +84,7 @@ def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> Tuple[torch.Ten
     num_tokens = mask.sum(-1)
     empty = (num_tokens == 0).nonzero().flatten()
     if empty.numel() > 0:
-        raise ValueError(
-            f"rows {empty.tolist()} of the batch have no response tokens (every label is "
-            f"{ignore_index}): their average log-prob is undefined. Drop such examples in the "
-            "dataset (prefopt.data.preference_dataset does) or check the data's truncation."
-        )
+        raise _empty_rows_error(empty.tolist(), ignore_index)
     return targets, mask, num_tokens
 
 
@@ -96,6 +101,10 @@ class SequenceLogps(NamedTuple):
     logps: torch.Tensor
     num_tokens: torch.Tensor
     logits_mean: torch.Tensor
+
+    def split(self, b: int) -> Tuple["SequenceLogps", "SequenceLogps"]:
+        """(first ``b`` sequences, the rest): the chosen and rejected halves of a batch."""
+        return SequenceLogps(*(t[:b] for t in self)), SequenceLogps(*(t[b:] for t in self))
 
 
 def sequence_logps(
@@ -263,35 +272,217 @@ def linear_token_logps(
     return _LinearTokenLogps.apply(hidden, weight, targets, num_chunks)
 
 
-def _plain_weight(output: object) -> Optional[torch.Tensor]:
-    """The ``[V, d]`` weight when the output layer is a bias-free linear map over a plain tensor
-    (nn.Linear, torchtune's TiedLinear); None for anything else (LoRA on the output, NF4, ...),
-    which then goes through the module itself."""
+class ScorePlan(NamedTuple):
+    """Which hidden states score which tokens, built on the CPU from the batch (no device sync).
+
+    A batch holds ``nseq`` sequences (rows ``[:b]`` chosen, ``[b:]`` rejected, in both layouts)
+    laid out in ``tokens`` ``[R, L]``: one sequence per row (the padded layout) or several pairs
+    per row with each prompt once (the packed layout, :mod:`prefopt.packing`).
+
+    Attributes:
+        score_index: ``[N]`` int64, flat index into ``tokens.view(-1)`` of the position whose
+            hidden state predicts each scored token (a shared prompt's last position appears
+            twice: once for the chosen response's first token, once for the rejected one's).
+        score_targets: ``[N]`` int64 token ids being scored.
+        score_seq: ``[N]`` int64 sequence (0 .. nseq-1) each scored token belongs to.
+        seq_num_tokens: ``[nseq]`` int64 scored tokens per sequence.
+        pos_segment: ``[R * L]`` int64 segment of each position (``num_segments`` for padding);
+            a sequence's positions are the union of its segments.
+        seg_to_seq: ``[num_segments, nseq]`` float32 0/1, which segments make up which sequence.
+        seq_positions: ``[nseq]`` int64 positions of each sequence (its own, not padding).
+    """
+
+    score_index: torch.Tensor
+    score_targets: torch.Tensor
+    score_seq: torch.Tensor
+    seq_num_tokens: torch.Tensor
+    pos_segment: torch.Tensor
+    seg_to_seq: torch.Tensor
+    seq_positions: torch.Tensor
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "ScorePlan":
+        return ScorePlan(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    @property
+    def num_sequences(self) -> int:
+        return self.seg_to_seq.shape[1]
+
+
+def _empty_rows_error(rows: Sequence[int], ignore_index: int) -> ValueError:
+    return ValueError(
+        f"rows {list(rows)} of the batch have no response tokens (every label is "
+        f"{ignore_index}): their average log-prob is undefined. Drop such examples in the "
+        "dataset (prefopt.data.preference_dataset does) or check the data's truncation."
+    )
+
+
+def score_plan_from_labels(
+    labels: torch.Tensor, ignore_index: int = -100, seq_lens: Optional[torch.Tensor] = None
+) -> ScorePlan:
+    """The :class:`ScorePlan` of a padded batch: row ``i`` is sequence ``i``, position ``t``
+    scores ``labels[i, t + 1]`` where that is not ``ignore_index``.
+
+    Args:
+        labels (torch.Tensor): ``[b, s]`` labels (on the CPU for a sync-free training step).
+        ignore_index (int): label of unscored positions.
+        seq_lens (Optional[torch.Tensor]): ``[b]`` real (non-padding) length of each row; None
+            counts every position as the row's own (for ``logits_mean``).
+
+    Raises:
+        ValueError: naming the rows with no scored token.
+    """
+    bsz, seq_len = labels.shape
+    targets, mask, num_tokens = _shifted_targets(labels, ignore_index)
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    if seq_lens is None:
+        seq_lens = torch.full((bsz,), seq_len, dtype=torch.long, device=labels.device)
+    pos = torch.arange(seq_len, device=labels.device)
+    rows = torch.arange(bsz, device=labels.device)
+    pos_segment = torch.where(pos[None, :] < seq_lens[:, None], rows[:, None], bsz).reshape(-1)
+    return ScorePlan(
+        score_index=flat,
+        score_targets=targets.reshape(-1).index_select(0, flat),
+        score_seq=flat // seq_len,
+        seq_num_tokens=num_tokens,
+        pos_segment=pos_segment,
+        seg_to_seq=torch.eye(bsz, dtype=torch.float32, device=labels.device),
+        seq_positions=seq_lens.to(torch.long),
+    )
+
+
+def _fusable_head(output: object) -> Optional[Tuple[nn.Module, bool]]:
+    """(module whose forward becomes the fused projection, tied?) for a bias-free linear output
+    layer: ``nn.Linear`` (FSDP2's ``FSDPLinear`` included: it subclasses nn.Linear) or
+    torchtune's ``TiedLinear`` (whose ``linear`` submodule takes the tied weight as an
+    argument). None for anything else (LoRA on the output, NF4, a bias), which then runs as a
+    module on chunks of the scored positions."""
     if isinstance(output, TiedLinear):
-        weight = output.tied_module.weight
-    elif type(output) is nn.Linear and output.bias is None:
+        return output.linear, True
+    if isinstance(output, nn.Linear) and output.bias is None:
         weight = output.weight
-    else:
-        return None
-    return weight if type(weight) in (torch.Tensor, nn.Parameter) else None
+        if type(weight) not in (torch.Tensor, nn.Parameter) and not _is_dtensor(weight):
+            return None  # e.g. an NF4 tensor subclass
+        return output, False
+    return None
+
+
+def _is_dtensor(t: object) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 @contextlib.contextmanager
-def _unembed_replaced(model: nn.Module, fn) -> Iterator[None]:
-    # The projection must run inside the model's forward: under FSDP2 the output weight is only
-    # gathered (and its gradient reduce-scattered) around the root module's forward/backward.
-    model.unembed = fn
+def _attr_replaced(obj: object, name: str, value) -> Iterator[None]:
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        del model.unembed
+        delattr(obj, name)
+
+
+# Counts calls of the fused projection (tests check that FSDP layouts keep it on).
+FUSED_CALLS = [0]
+
+
+def scored_token_logps(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    plan: ScorePlan,
+    *,
+    mask: Optional[object] = None,
+    input_pos: Optional[torch.Tensor] = None,
+    num_chunks: int = 16,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run a torchtune ``TransformerDecoder`` on ``tokens`` and return the log-prob of every
+    scored token of ``plan`` and each sequence's summed logits.
+
+    Only the ``N`` scored positions go through the output layer. For a bias-free linear output
+    layer the projection is fused with the log-softmax (:func:`linear_token_logps`: no logits
+    kept for backward) and runs as that layer's own forward, called inside the model's forward:
+    FSDP2 gathers the output weight there once (whether the output layer is its own FSDP unit
+    or part of the root), and reduces its gradient once. Other output layers run as modules
+    on ``num_chunks`` chunks of the scored positions.
+
+    Args:
+        model (nn.Module): a torchtune ``TransformerDecoder`` (LoRA, FSDP2, compiled per layer or
+            activation-checkpointed alike).
+        tokens (torch.Tensor): ``[R, L]`` token ids.
+        plan (ScorePlan): on the tokens' device.
+        mask: ``[R, L, L]`` boolean attention mask or a FlexAttention ``BlockMask`` (packed
+            layout); None for the causal mask of the padded layout.
+        input_pos (Optional[torch.Tensor]): ``[R, L]`` RoPE positions (packed layout).
+        num_chunks (int): the scored positions are projected in this many chunks.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: ``[N]`` float32 token log-probs (differentiable) and
+        ``[nseq]`` float32 detached sums of the logits over each sequence's positions and the
+        vocabulary (for TRL's ``logits/*`` statistic; exact for any affine output layer).
+    """
+    head = _fusable_head(model.output)
+    num_segments = plan.seg_to_seq.shape[0]
+    result = {}
+
+    def fused_forward(x, weight=None):
+        # The output module's own forward: under FSDP2 its (or the root's) pre-forward hook has
+        # gathered the weight, so module.weight is the plain unsharded tensor here.
+        FUSED_CALLS[0] += 1
+        w = weight if weight is not None else head[0].weight
+        with torch.no_grad():
+            result["logits_sum"] = result.pop("h_sum") @ w.sum(dim=0, dtype=torch.float32)
+        return linear_token_logps(x, w, plan.score_targets, num_chunks)
+
+    def unembed(h: torch.Tensor):
+        h = model.norm(h)  # [R, L, d]
+        flat = h.reshape(-1, h.shape[-1])
+        scored = flat.index_select(0, plan.score_index)  # [N, d]
+        with torch.no_grad():
+            seg = torch.zeros(num_segments + 1, flat.shape[1], dtype=torch.float32, device=flat.device)
+            seg.index_add_(0, plan.pos_segment, flat.float())
+            h_sum = plan.seg_to_seq.t() @ seg[:num_segments]  # [nseq, d]
+        if head is not None:
+            result["h_sum"] = h_sum
+            return model.output(scored)
+        out = model.output
+        tok = torch.cat([
+            token_logps(out(scored[s:e]), plan.score_targets[s:e])
+            for s, e in _chunk_bounds(scored.shape[0], num_chunks)
+        ])
+        with torch.no_grad():
+            # sum_t f(h_t) = f(sum_t h_t) + (n - 1) f(0) for an affine f (a bias counted per position)
+            f0 = out(h_sum.new_zeros(1, h_sum.shape[1]).to(h.dtype)).float().sum(-1)
+            result["logits_sum"] = out(h_sum.to(h.dtype)).float().sum(-1) + (plan.seq_positions - 1) * f0
+        return tok
+
+    ctx = contextlib.ExitStack()
+    with ctx:
+        ctx.enter_context(_attr_replaced(model, "unembed", unembed))
+        if head is not None:
+            ctx.enter_context(_attr_replaced(head[0], "forward", fused_forward))
+        kwargs = {}
+        if mask is not None:
+            kwargs["mask"] = mask
+        if input_pos is not None:
+            kwargs["input_pos"] = input_pos
+        tok = model(tokens, **kwargs)
+    return tok, result["logits_sum"]
+
+
+def reduce_to_sequences(tok: torch.Tensor, plan: ScorePlan) -> torch.Tensor:
+    """``[nseq]`` summed log-probs of each sequence's scored tokens (differentiable)."""
+    return torch.zeros(plan.num_sequences, dtype=tok.dtype, device=tok.device).index_add(0, plan.score_seq, tok)
 
 
 def model_sequence_logps(
     model: nn.Module,
     tokens: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
     *,
+    plan: Optional[ScorePlan] = None,
+    mask: Optional[object] = None,
+    input_pos: Optional[torch.Tensor] = None,
     num_chunks: int = 16,
     average: bool = True,
     ignore_index: int = -100,
@@ -299,64 +490,41 @@ def model_sequence_logps(
     """Run a torchtune ``TransformerDecoder`` and return per-sequence log-probs of the labelled
     tokens, projecting to the vocabulary only the positions that predict a labelled token.
 
-    Equal to ``sequence_logps(model(tokens), labels)`` (to float rounding), with the output layer
-    applied to ``N`` scored positions instead of ``b * s``, and, for a bias-free linear output
-    layer (``nn.Linear`` or ``TiedLinear``: every torchtune LoRA/QLoRA config that does not put
-    LoRA on the output), no logits kept for backward (:func:`linear_token_logps`). Other output
-    layers run as modules on ``num_chunks`` chunks of the scored positions, each chunk's logits
-    kept for backward in the model's dtype.
-
-    The model's ``unembed`` (final norm + output layer) is replaced for the duration of the call,
-    so the projection happens inside the model's forward (FSDP2's root hooks gather the output
-    weight there); the model's ``num_output_chunks`` setting is not used.
+    Equal to ``sequence_logps(model(tokens), labels)`` (to float rounding) in the padded layout,
+    with the output layer applied to ``N`` scored positions instead of ``b * s``, and, for a
+    bias-free linear output layer, no logits kept for backward (see :func:`scored_token_logps`).
 
     Args:
-        model (nn.Module): a torchtune ``TransformerDecoder`` (possibly LoRA, FSDP2-sharded,
-            compiled per layer or activation-checkpointed).
-        tokens (torch.Tensor): ``[b, s]`` token ids.
-        labels (torch.Tensor): ``[b, s]``, ``ignore_index`` where not scored.
+        model (nn.Module): a torchtune ``TransformerDecoder``.
+        tokens (torch.Tensor): ``[R, L]`` token ids.
+        labels (Optional[torch.Tensor]): ``[b, s]`` (padded layout, ``ignore_index`` where not
+            scored); the plan is then built from them (one device sync). Give either this or
+            ``plan``.
+        plan (Optional[ScorePlan]): built by the collate function on the CPU (both layouts).
+        mask, input_pos: the packed layout's attention mask and RoPE positions.
         num_chunks (int): the scored positions are projected in this many chunks.
         average (bool): mean over response tokens (SimPO) or sum.
         ignore_index (int): label value of unscored positions.
 
     Returns:
-        SequenceLogps: ``logps`` [b] (differentiable), ``num_tokens`` [b], ``logits_mean`` [b]
-        (TRL's ``logits/*`` statistic over all positions, computed from the summed hidden state:
-        exact for a linear output layer, approximate under LoRA dropout on the output).
+        SequenceLogps: ``logps`` [nseq] (differentiable), ``num_tokens`` [nseq], ``logits_mean``
+        [nseq] (TRL's ``logits/*`` statistic: the mean logit over the sequence's positions and
+        the vocabulary; with ``labels`` every position of the row counts, padding included).
 
     Raises:
-        ValueError: if ``tokens`` and ``labels`` differ in shape, or a row has no labelled token
-            (naming the rows).
+        ValueError: if ``tokens`` and ``labels`` differ in shape, neither or both of ``labels``
+            and ``plan`` are given, or a row has no labelled token (naming the rows).
     """
-    if labels.dim() != 2 or tokens.shape != labels.shape:
-        raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must both be [batch, seq]")
-    bsz, seq_len = labels.shape
-    targets, mask, num_tokens = _shifted_targets(labels, ignore_index)
-    rows = torch.arange(bsz, device=labels.device).unsqueeze(1).expand(bsz, seq_len)[mask]
-    scored_targets = targets[mask]
-
-    def unembed(h: torch.Tensor):
-        h = model.norm(h)  # [b, s, d]
-        scored = h[mask]  # [N, d], row-major: row 0's positions first
-        weight = _plain_weight(model.output)
-        with torch.no_grad():
-            h_sum = h.sum(dim=1, dtype=torch.float32)  # [b, d]
-            if weight is not None:
-                logits_sum = h_sum @ weight.sum(dim=0, dtype=torch.float32)
-            else:
-                logits_sum = model.output(h_sum.to(h.dtype)).float().sum(-1)
-        if weight is not None:
-            tok = linear_token_logps(scored, weight, scored_targets, num_chunks)
-        else:
-            tok = torch.cat([
-                token_logps(model.output(scored[s:e]), scored_targets[s:e])
-                for s, e in _chunk_bounds(scored.shape[0], num_chunks)
-            ])
-        return tok, logits_sum
-
-    with _unembed_replaced(model, unembed):
-        tok, logits_sum = model(tokens)
-    total = torch.zeros(bsz, dtype=torch.float32, device=tok.device).index_add(0, rows, tok)
-    logps = total / num_tokens if average else total
+    if (labels is None) == (plan is None):
+        raise ValueError("model_sequence_logps: give exactly one of labels or plan")
+    if plan is None:
+        if labels.dim() != 2 or tokens.shape != labels.shape:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must both be [batch, seq]")
+        plan = score_plan_from_labels(labels, ignore_index)
+    tok, logits_sum = scored_token_logps(
+        model, tokens, plan, mask=mask, input_pos=input_pos, num_chunks=num_chunks
+    )
+    total = reduce_to_sequences(tok, plan)
+    logps = total / plan.seq_num_tokens if average else total
     vocab = model.tok_embeddings.num_embeddings
-    return SequenceLogps(logps, num_tokens, logits_sum / (seq_len * vocab))
+    return SequenceLogps(logps, plan.seq_num_tokens, logits_sum / (plan.seq_positions * vocab))

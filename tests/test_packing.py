@@ -1,0 +1,195 @@
+"""The packed, prefix-shared layout equals the padded layout: log-probs, losses, rewards,
+metrics and every gradient (fp32, 1e-5), on llama2/llama3/qwen2/mistral shapes."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from prefopt.data import padded_collate_preference
+from prefopt.loss import SimPOLoss
+from prefopt.packing import (
+    CHOSEN,
+    PAD,
+    REJECTED,
+    SHARED,
+    packed_attention_mask,
+    packed_collate_preference,
+    packing_unsupported_reason,
+)
+from prefopt.step import preference_forward
+
+V = 96
+IGN = -100
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama2":
+        from torchtune.models.llama2 import llama2
+
+        return llama2(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=128)
+    if kind == "llama3":
+        from torchtune.models.llama3 import llama3
+
+        return llama3(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=128,
+                      intermediate_dim=64)
+    if kind == "llama3_2":  # scaled RoPE and a tied output layer
+        from torchtune.models.llama3_2 import llama3_2
+
+        return llama3_2(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=128,
+                        intermediate_dim=64)
+    if kind == "qwen2":  # q/k/v biases, tied output
+        from torchtune.models.qwen2 import qwen2
+
+        return qwen2(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=128,
+                     intermediate_dim=64, tie_word_embeddings=True)
+    if kind == "mistral":
+        from torchtune.models.mistral import mistral
+
+        return mistral(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=128,
+                       intermediate_dim=64)
+    if kind == "lora_output":  # LoRA on the output layer: the module path of the projection
+        from torchtune.models.llama2 import lora_llama2
+
+        m = lora_llama2(["q_proj", "v_proj"], apply_lora_to_output=True, lora_rank=4, lora_alpha=8, vocab_size=V,
+                        num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=128)
+        for name, p in m.named_parameters():
+            if "lora_b" in name:
+                torch.nn.init.normal_(p)
+        return m
+    raise ValueError(kind)
+
+
+def _pair(g, prompt, chosen, rejected, shared_response=0, *, row):
+    p = torch.randint(1, V, (prompt,), generator=g).tolist()
+    c = torch.randint(1, V, (chosen,), generator=g).tolist()
+    r = torch.randint(1, V, (rejected,), generator=g).tolist()
+    r[:shared_response] = c[:shared_response]  # responses that start alike share more than the prompt
+    if r == c:
+        r[-1] = (r[-1] % (V - 1)) + 1
+    return {
+        "chosen_input_ids": p + c, "chosen_labels": [IGN] * prompt + c,
+        "rejected_input_ids": p + r, "rejected_labels": [IGN] * prompt + r, "row": row,
+    }
+
+
+def _items(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [
+        (5, 7, 3, 0),   # different response lengths
+        (9, 1, 4, 0),   # a one-token chosen response
+        (20, 2, 3, 0),  # a prompt longer than both responses
+        (3, 6, 6, 2),   # responses sharing their first two tokens
+        (4, 2, 5, 2),   # the chosen response is a prefix of the rejected one
+        (1, 4, 1, 0),   # a one-token prompt, a one-token rejected response
+    ]
+    return [_pair(g, *s, row=10 + i) for i, s in enumerate(shapes)]
+
+
+def _run(model, batch, loss_fn):
+    model.zero_grad()
+    out = preference_forward(model, batch, loss_fn, device=torch.device("cpu"), num_chunks=3)
+    w = torch.linspace(-1.0, 2.0, out.losses.shape[0])  # a different upstream gradient per pair
+    (out.losses * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_2", "qwen2", "mistral", "lora_output"])
+@pytest.mark.parametrize("row_len", [None, 64])
+def test_packed_equals_padded_with_gradients(kind, row_len):
+    model = _model(kind)
+    items = _items()
+    loss_fn = SimPOLoss(beta=2.0, gamma=0.5, sft_weight=0.3)
+    padded = padded_collate_preference(items, padding_idx=0)
+    packed = packed_collate_preference(items, padding_idx=0, row_len=row_len)
+    if row_len == 64:
+        assert packed["tokens"].shape[0] < len(items)  # several pairs share a row
+    ref, ref_grads = _run(model, padded, loss_fn)
+    out, grads = _run(model, packed, loss_fn)
+    for name in ("losses", "chosen_rewards", "rejected_rewards"):
+        assert_close(getattr(out, name), getattr(ref, name), atol=1e-5, rtol=1e-5, msg=name)
+    for half in ("chosen", "rejected"):
+        a, r = getattr(out, half), getattr(ref, half)
+        assert_close(a.logps, r.logps, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.num_tokens, r.num_tokens)
+        assert_close(a.logits_mean, r.logits_mean, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name, g in grads.items():
+        assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    # the same pairs and tokens are counted, and packing computed fewer positions
+    assert int(packed["num_tokens"]) == int(padded["num_tokens"])
+    assert int(packed["chosen_tokens"]) == int(padded["chosen_tokens"])
+    assert int(packed["packed_tokens"]) < int(padded["num_tokens"])
+    assert torch.equal(packed["rows"], padded["rows"])
+
+
+def test_padded_logits_mean_counts_real_positions_only():
+    """logits/chosen|rejected: the mean logit over a sequence's own positions and the vocab, in
+    both layouts (padding positions are not the sequence's)."""
+    model = _model("llama2")
+    items = _items()[:2]
+    padded = padded_collate_preference(items, padding_idx=0)
+    out = preference_forward(model, padded, SimPOLoss(), device=torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(padded["tokens"])
+    n = [len(it["chosen_input_ids"]) for it in items] + [len(it["rejected_input_ids"]) for it in items]
+    want = torch.stack([logits[i, : n[i]].mean() for i in range(4)])
+    got = torch.cat([out.chosen.logits_mean, out.rejected.logits_mean])
+    assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_layout_and_mask_by_hand():
+    # prompt [7 8], chosen [1 2 3], rejected [1 4]: shared prefix [7 8 1] (3 tokens), then the
+    # chosen suffix [2 3] at positions 3, 4 and the rejected suffix [4] at position 3.
+    item = {
+        "chosen_input_ids": [7, 8, 1, 2, 3], "chosen_labels": [IGN, IGN, 1, 2, 3],
+        "rejected_input_ids": [7, 8, 1, 4], "rejected_labels": [IGN, IGN, 1, 4], "row": 0,
+    }
+    out = packed_collate_preference([item], pad_to_multiple_of=8)
+    assert out["tokens"].tolist() == [[7, 8, 1, 2, 3, 4, 0, 0]]
+    assert out["input_pos"][0, :6].tolist() == [0, 1, 2, 3, 4, 3]
+    assert out["doc_kind"][0].tolist() == [SHARED] * 3 + [CHOSEN] * 2 + [REJECTED] + [PAD] * 2
+    plan = out["plan"]
+    # chosen: tokens 1 2 3 predicted at positions 1 2 3; rejected: 1 at 1, 4 at 2 (the last
+    # shared position, which also predicts the chosen token 2)
+    assert plan.score_index.tolist() == [1, 2, 3, 1, 2]
+    assert plan.score_targets.tolist() == [1, 2, 3, 1, 4]
+    assert plan.score_seq.tolist() == [0, 0, 0, 1, 1]
+    assert plan.seq_positions.tolist() == [5, 4]
+    mask = packed_attention_mask(out["doc_pair"], out["doc_kind"])[0].int().tolist()
+    assert mask[5] == [1, 1, 1, 0, 0, 1, 0, 0]  # rejected: the shared prefix and itself, never chosen
+    assert mask[4] == [1, 1, 1, 1, 1, 0, 0, 0]  # chosen: causal over shared + chosen
+    assert mask[6] == [0, 0, 0, 0, 0, 0, 1, 0]  # padding attends to itself only (no NaN row)
+    assert out["num_tokens"].item() == 9 and out["packed_tokens"].item() == 6
+
+
+def test_several_pairs_in_a_row_do_not_attend_across():
+    items = _items()
+    out = packed_collate_preference(items, row_len=200)
+    assert out["tokens"].shape[0] == 1
+    mask = packed_attention_mask(out["doc_pair"], out["doc_kind"])[0]
+    pair = out["doc_pair"][0]
+    real = pair < len(items)
+    cross = mask & (pair[:, None] != pair[None, :])
+    assert not cross.any() and real.sum() == out["packed_tokens"]
+
+
+def test_sequence_without_scored_token_names_it():
+    item = {
+        "chosen_input_ids": [5, 6, 7], "chosen_labels": [IGN, IGN, IGN],
+        "rejected_input_ids": [5, 6, 8], "rejected_labels": [IGN, IGN, 8], "row": 3,
+    }
+    with pytest.raises(ValueError, match=r"rows \[0\]"):
+        packed_collate_preference([item])
+
+
+def test_gemma2_is_reported_unsupported_and_llama_supported():
+    from torchtune.models.gemma2 import gemma2
+
+    g = gemma2(vocab_size=V, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=32, head_dim=16,
+               intermediate_dim=64, max_seq_len=32)
+    assert "Gemma2Attention" in packing_unsupported_reason(g)
+    assert packing_unsupported_reason(_model("llama3")) is None
