@@ -9,7 +9,7 @@ and detached rewards out of ``forward``; no reduction, no logging, no device mov
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,11 @@ class SimPOLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.loss_type = loss_type
         self.sft_weight = float(sft_weight)
+        # What prefopt.step.preference_forward computes for this loss.
+        self.chosen_nll = "sequence" if self.sft_weight > 0 else None
+        self.metric_names = ("sft_loss",) if self.sft_weight > 0 else ()
+
+    logps_reduction = "average"
 
     @property
     def gamma_beta_ratio(self) -> float:
@@ -132,8 +137,20 @@ class SimPOLoss(nn.Module):
             f"loss_type={self.loss_type!r}, sft_weight={self.sft_weight}"
         )
 
+    def metrics(
+        self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, chosen_nll: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
+        """Per-example ``sft_loss`` (the chosen NLL term ``sft_weight`` multiplies), detached."""
+        if self.sft_weight == 0:
+            return {}
+        nll = chosen_nll if chosen_nll is not None else -policy_chosen_logps
+        return {"sft_loss": nll.detach()}
+
     def forward(
-        self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        chosen_nll: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -161,7 +178,8 @@ class SimPOLoss(nn.Module):
         else:
             losses = torch.relu(1 - self.beta * logits)
         if self.sft_weight > 0:
-            losses = losses + self.sft_weight * (-policy_chosen_logps)
+            nll = chosen_nll if chosen_nll is not None else -policy_chosen_logps
+            losses = losses + self.sft_weight * nll
         chosen_rewards = self.beta * policy_chosen_logps.detach()
         rejected_rewards = self.beta * policy_rejected_logps.detach()
         return losses, chosen_rewards, rejected_rewards

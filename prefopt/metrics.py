@@ -6,13 +6,14 @@ figures are example-weighted means over all of its gradient-accumulation micro-b
 when ``all_reduce`` is used, over all ranks -- whatever the micro-batch sizes were.
 """
 
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from prefopt.logprobs import SequenceLogps
+if TYPE_CHECKING:  # pragma: no cover
+    from prefopt.step import PreferenceOutput
 
 __all__ = ["PreferenceMetrics"]
 
@@ -34,51 +35,42 @@ class PreferenceMetrics:
 
     Args:
         device (torch.device): where the running sums live (the training device).
-        include_sft (bool): also report ``sft_loss`` (the chosen responses' mean NLL, the term
-            ``sft_weight`` multiplies). Use :meth:`for_loss` to decide it from the loss module.
+        extra_names (Sequence[str]): the loss's own metrics (its ``metric_names``, e.g. ORPO's
+            ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``), logged beside the base ones.
+            Use :meth:`for_loss` to take them from the loss module.
     """
 
-    def __init__(self, device: torch.device, include_sft: bool = False) -> None:
-        self.names = _BASE + (("sft_loss",) if include_sft else ())
+    def __init__(self, device: torch.device, extra_names: Sequence[str] = ()) -> None:
+        self.names = _BASE + tuple(extra_names)
         self._sums = torch.zeros(len(self.names) + 1, device=device, dtype=torch.float64)
 
     @classmethod
     def for_loss(cls, loss_fn: nn.Module, device: torch.device) -> "PreferenceMetrics":
-        """Metrics matching ``loss_fn``: ``sft_loss`` is included when it has ``sft_weight > 0``."""
-        return cls(device, include_sft=float(getattr(loss_fn, "sft_weight", 0.0)) > 0)
+        """Metrics matching ``loss_fn``: the base ones plus its ``metric_names``."""
+        return cls(device, extra_names=tuple(getattr(loss_fn, "metric_names", ())))
 
     @torch.no_grad()
-    def update(
-        self,
-        losses: torch.Tensor,
-        chosen_rewards: torch.Tensor,
-        rejected_rewards: torch.Tensor,
-        chosen: SequenceLogps,
-        rejected: SequenceLogps,
-    ) -> None:
-        """Add one micro-batch.
+    def update(self, out: "PreferenceOutput") -> None:
+        """Add one micro-batch: the :class:`prefopt.step.PreferenceOutput` of its forward.
 
-        Args:
-            losses (torch.Tensor): per-example losses [b] (unreduced).
-            chosen_rewards, rejected_rewards (torch.Tensor): [b].
-            chosen, rejected (SequenceLogps): the log-prob outputs of the two halves of the batch.
+        Raises:
+            KeyError: if the output lacks one of the loss's metrics.
         """
+        cr, rr = out.chosen_rewards, out.rejected_rewards
         cols = [
-            losses,
-            chosen_rewards,
-            rejected_rewards,
-            (chosen_rewards > rejected_rewards).to(torch.float64),
-            chosen_rewards - rejected_rewards,
-            chosen.logps,
-            rejected.logps,
-            chosen.logits_mean,
-            rejected.logits_mean,
-        ]
-        if "sft_loss" in self.names:
-            cols.append(-chosen.logps)
+            out.losses,
+            cr,
+            rr,
+            (cr > rr).to(torch.float64),
+            cr - rr,
+            out.chosen.logps,
+            out.rejected.logps,
+            out.chosen.logits_mean,
+            out.rejected.logits_mean,
+        ] + [out.metrics[name] for name in self.names[len(_BASE):]]
         stacked = torch.stack([c.detach().to(torch.float64) for c in cols])  # [n_metrics, b]
         self._sums[:-1] += stacked.sum(-1)
-        self._sums[-1] += losses.shape[0]
+        self._sums[-1] += out.losses.shape[0]
 
     @property
     def count(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ The step reads what the loss needs from the loss object and never names a loss c
 - ``loss_fn.metric_names`` / ``loss_fn.metrics(...)``: the loss's own per-example metrics.
 """
 
-from typing import Any, Dict, Mapping, NamedTuple, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ def preference_forward(
     *,
     device: torch.device,
     num_chunks: int = 16,
-    chosen_tokens_per_pair: Optional[torch.Tensor] = None,
+    chosen_tokens_per_pair: Optional[Union[float, torch.Tensor]] = None,
 ) -> PreferenceOutput:
     """Forward of one micro-batch of ``b`` pairs, padded or packed, and its loss.
 
@@ -84,7 +84,7 @@ def preference_forward(
         loss_fn (nn.Module): a reference-free loss (see the module docstring for what it declares).
         device (torch.device): the training device; the batch is copied there without a sync.
         num_chunks (int): the scored positions are projected to the vocabulary in this many chunks.
-        chosen_tokens_per_pair (Optional[torch.Tensor]): for a ``"token"`` NLL term, the scored
+        chosen_tokens_per_pair (Optional[float]): for a ``"token"`` NLL term, the scored
             chosen tokens of the whole optimizer step (all micro-batches and ranks) divided by its
             pairs; None uses this micro-batch's own (exact without accumulation on one process).
 
@@ -114,10 +114,9 @@ def preference_forward(
     if needs["chosen_nll"] == "sequence":
         kwargs["chosen_nll"] = -sums[:b] / n[:b]
     elif needs["chosen_nll"] == "token":
-        per_pair = chosen_tokens_per_pair
-        if per_pair is None:
-            per_pair = n[:b].sum() / b
-        kwargs["chosen_nll"] = -sums[:b] / per_pair.to(device=sums.device, dtype=sums.dtype)
+        # a Python float from the CPU counts: dividing by it needs no device sync
+        per_pair = n[:b].sum() / b if chosen_tokens_per_pair is None else float(chosen_tokens_per_pair)
+        kwargs["chosen_nll"] = -sums[:b] / per_pair
     losses, chosen_rewards, rejected_rewards = loss_fn(chosen.logps, rejected.logps, **kwargs)
     metrics = loss_fn.metrics(chosen.logps, rejected.logps, **kwargs) if needs["metric_names"] else {}
     return PreferenceOutput(losses, chosen_rewards, rejected_rewards, chosen, rejected, metrics)

@@ -49,8 +49,9 @@ from prefopt.checkpointing import (
 )
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
-from prefopt.logprobs import model_sequence_logps
 from prefopt.metrics import PreferenceMetrics
+from prefopt.packing import packed_collate_preference, packing_unsupported_reason
+from prefopt.step import preference_forward
 
 log = utils.get_logger("INFO")
 
@@ -89,6 +90,7 @@ CONFIG_SPEC = {
         (list, type(None)), default=None, doc="modules sharded on their own besides the decoder layers, e.g. [output]"
     ),
     "num_output_chunks": Key(int, default=16, check=at_least(1)),
+    "packed": Key(bool, default=True, doc="each pair laid out once, prompt shared, several pairs per row"),
     "pad_to_multiple_of": Key(int, default=1, check=at_least(1), doc="round batch lengths up (fewer compiled shapes)"),
     "log_every_n_steps": Key(int, default=1, check=at_least(1)),
     "log_peak_memory_stats": Key(bool, default=False),
@@ -251,6 +253,13 @@ class SimPORecipeDistributed:
         self._model = self._setup_model(v["model"], full_state_dict)
         del full_state_dict
 
+        # packed: each pair once as [prompt][chosen][rejected], several pairs per row (exact: the
+        # same log-probs, losses and gradients as the padded layout, each prompt computed once)
+        self._packed = v["packed"]
+        unsupported = packing_unsupported_reason(self._model) if self._packed else None
+        if unsupported:
+            self._info(f"packed=True: falling back to the padded layout for this model: {unsupported}")
+            self._packed = False
         self._tokenizer = config.instantiate(v["tokenizer"])
         self._loss_fn = config.instantiate(v["loss"])
         if v["compile"]:
@@ -364,7 +373,7 @@ class SimPORecipeDistributed:
 
     def _setup_data(self, cfg_dataset: Any, batch_size: int, shuffle: bool):
         self._collate = partial(
-            padded_collate_preference,
+            packed_collate_preference if self._packed else padded_collate_preference,
             padding_idx=self._tokenizer.pad_id,
             pad_to_multiple_of=self._cfg["pad_to_multiple_of"],
         )
@@ -384,6 +393,7 @@ class SimPORecipeDistributed:
             batch_size=batch_size,
             drop_last=True,  # every micro-batch full: the loss scale above assumes it
             collate_fn=self._collate,
+            pin_memory=self._device.type == "cuda",  # the step copies the batch with non_blocking
         )
         return sampler, loader
 
@@ -420,20 +430,15 @@ class SimPORecipeDistributed:
         return profiler
 
     # ------------------------------------------------------------------------------------------
-    def _forward(self, batch: Dict[str, torch.Tensor]):
-        """One forward of chosen+rejected; returns (losses [b], rewards, logps of both halves)."""
-        tokens = batch["tokens"].to(self._device)
-        labels = batch["labels"].to(self._device)
-        b = tokens.shape[0] // 2
-        # Only the positions that predict a response token go through the output layer, fused
-        # with the log-softmax so that no [tokens, vocab] logits are kept for backward. 16 chunks
-        # of the response positions are about the size of torchtune's 8 chunks of whole sequences.
+    def _forward(self, batch: Dict[str, Any], chosen_tokens_per_pair: Optional[torch.Tensor] = None):
+        # One forward of a micro-batch (padded or packed) and its loss. Only the positions that
+        # predict a response token go through the output layer, fused with the log-softmax so
+        # that no [tokens, vocab] logits are kept for backward (num_output_chunks chunks).
         with self._activations_ctx:
-            out = model_sequence_logps(self._model, tokens, labels, num_chunks=self._num_output_chunks)
-        chosen = type(out)(*(t[:b] for t in out))
-        rejected = type(out)(*(t[b:] for t in out))
-        losses, chosen_rewards, rejected_rewards = self._loss_fn(chosen.logps, rejected.logps)
-        return losses, chosen_rewards, rejected_rewards, chosen, rejected
+            return preference_forward(
+                self._model, batch, self._loss_fn, device=self._device,
+                num_chunks=self._num_output_chunks, chosen_tokens_per_pair=chosen_tokens_per_pair,
+            )
 
     @torch.no_grad()
     def evaluate(self) -> Optional[Dict[str, float]]:
@@ -443,14 +448,16 @@ class SimPORecipeDistributed:
         metrics = PreferenceMetrics.for_loss(self._loss_fn, self._device)
         seen = 0
         for batch in self._eval_dataloader:
-            losses, cr, rr, chosen, rejected = self._forward(batch)
-            keep = max(0, min(self._eval_counts - seen, losses.shape[0]))  # drop the padding
-            seen += losses.shape[0]
+            out = self._forward(batch)
+            n = out.losses.shape[0]
+            keep = max(0, min(self._eval_counts - seen, n))  # drop the padding
+            seen += n
             if keep:
                 cut = lambda t: t[:keep]  # noqa: E731
-                metrics.update(
-                    cut(losses), cut(cr), cut(rr), type(chosen)(*map(cut, chosen)), type(rejected)(*map(cut, rejected))
-                )
+                metrics.update(type(out)(
+                    *map(cut, out[:3]), type(out.chosen)(*map(cut, out.chosen)),
+                    type(out.rejected)(*map(cut, out.rejected)), {k: cut(t) for k, t in out.metrics.items()},
+                ))
         self._model.train()
         result = {f"eval/{k}": val for k, val in metrics.compute(all_reduce=True).items()}
         if self._is_rank_zero:
@@ -487,26 +494,32 @@ class SimPORecipeDistributed:
                 initial=self._step_in_epoch,
                 disable=not (self._is_rank_zero and sys.stderr.isatty()),
             )
-            rows = []
-            for idx, batch in enumerate(batches, start=skip):
-                losses, cr, rr, chosen, rejected = self._forward(batch)
-                loss = losses.sum() * self._loss_scale
-                running[0] += loss.detach()
-                running[1] += batch["num_tokens"]
-                self._metrics.update(losses, cr, rr, chosen, rejected)
-                rows.append(batch["rows"])
-                skipped = False
-                if self._optimizer_in_bwd:
-                    # The weights change inside backward(): a bad loss must be caught before it.
-                    dist.all_reduce(running)
-                    skipped = self._nonfinite(running[0], None, rows, epoch)
-                    if not skipped:
+            steps = iter(lambda: list(islice(batches, self._grad_accum)), [])  # micro-batches of a step
+            for micro_batches in steps:
+                # A "token"-mean NLL term (CPO, ORPO, princeton's sft) divides by the chosen tokens
+                # of the whole step over all ranks (CPU ints over gloo: no device sync).
+                per_pair = torch.stack([mb["chosen_tokens"] for mb in micro_batches]).sum().double()
+                if self.world_size > 1:
+                    dist.all_reduce(per_pair)
+                per_pair /= self._global_batch
+                rows = []
+                for batch in micro_batches:
+                    out = self._forward(batch, chosen_tokens_per_pair=per_pair)
+                    loss = out.losses.sum() * self._loss_scale
+                    running[0] += loss.detach()
+                    running[1] += batch["num_tokens"]
+                    self._metrics.update(out)
+                    rows.append(batch["rows"])
+                    skipped = False
+                    if self._optimizer_in_bwd:
+                        # The weights change inside backward(): a bad loss must be caught before it.
+                        dist.all_reduce(running)
+                        skipped = self._nonfinite(running[0], None, rows, epoch)
+                        if not skipped:
+                            loss.backward()
+                    else:
                         loss.backward()
-                else:
-                    loss.backward()
-                del loss, losses
-                if (idx + 1) % self._grad_accum != 0:
-                    continue
+                    del loss, out
 
                 grad_norm = None
                 if not self._optimizer_in_bwd:
@@ -550,7 +563,6 @@ class SimPORecipeDistributed:
                     t0, num_tokens = time.perf_counter(), 0.0
                     self._metrics.reset()
                 running.zero_()
-                rows = []
                 self._profiler.step()
 
                 if self._eval_every is not None and self.global_step % self._eval_every == 0:

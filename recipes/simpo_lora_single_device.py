@@ -45,8 +45,9 @@ from prefopt.checkpointing import (
 )
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
-from prefopt.logprobs import model_sequence_logps
 from prefopt.metrics import PreferenceMetrics
+from prefopt.packing import packed_collate_preference, packing_unsupported_reason
+from prefopt.step import preference_forward
 
 log = utils.get_logger("INFO")
 
@@ -77,6 +78,7 @@ CONFIG_SPEC = {
     "enable_activation_checkpointing": Key(bool, default=False),
     "enable_activation_offloading": Key(bool, default=False),
     "num_output_chunks": Key(int, default=16, check=at_least(1)),
+    "packed": Key(bool, default=True, doc="each pair laid out once, prompt shared, several pairs per row"),
     "log_every_n_steps": Key(int, default=1, check=at_least(1)),
     "log_peak_memory_stats": Key(bool, default=False),
     "eval_every_n_steps": Key((int, type(None)), default=None, check=at_least(1)),
@@ -137,6 +139,7 @@ class SimPORecipeSingleDevice:
         self._save_every = v["save_every_n_steps"]
         self._on_nonfinite = v["on_nonfinite"]
         self._num_output_chunks = v["num_output_chunks"]
+        self._batch_size = v["batch_size"]
         self.seed = training.set_seed(seed=v["seed"])
         self.total_epochs = v["epochs"]
         self.max_steps_per_epoch = v["max_steps_per_epoch"]
@@ -186,6 +189,13 @@ class SimPORecipeSingleDevice:
         self._model = self._setup_model(v["model"], base_state_dict)
         del base_state_dict
 
+        # packed: each pair once as [prompt][chosen][rejected], several pairs per row (exact: the
+        # same log-probs, losses and gradients as the padded layout, each prompt computed once)
+        self._packed = v["packed"]
+        unsupported = packing_unsupported_reason(self._model) if self._packed else None
+        if unsupported:
+            log.info(f"packed=True: falling back to the padded layout for this model: {unsupported}")
+            self._packed = False
         self._tokenizer = config.instantiate(v["tokenizer"])
         self._loss_fn = config.instantiate(v["loss"])
         if v["compile"]:
@@ -258,30 +268,27 @@ class SimPORecipeSingleDevice:
         else:
             ds = config.instantiate(cfg_dataset, tokenizer=self._tokenizer)
         sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
+        collate = packed_collate_preference if self._packed else padded_collate_preference
         loader = DataLoader(
             ds,
             sampler=sampler,
             batch_size=batch_size,
             drop_last=shuffle,  # eval keeps every pair; training keeps shapes regular
-            collate_fn=partial(padded_collate_preference, padding_idx=self._tokenizer.pad_id),
+            collate_fn=partial(collate, padding_idx=self._tokenizer.pad_id),
+            pin_memory=self._device.type == "cuda",  # the step copies the batch with non_blocking
         )
         return sampler, loader
 
     # ------------------------------------------------------------------------------------------
-    def _forward(self, batch: Dict[str, torch.Tensor]):
-        """One forward of chosen+rejected; returns (losses [b], rewards, logps of both halves)."""
-        tokens = batch["tokens"].to(self._device)
-        labels = batch["labels"].to(self._device)
-        b = tokens.shape[0] // 2
-        # Only the positions that predict a response token go through the output layer, fused
-        # with the log-softmax so that no [tokens, vocab] logits are kept for backward. 16 chunks
-        # of the response positions are about the size of torchtune's 8 chunks of whole sequences.
+    def _forward(self, batch: Dict[str, Any], chosen_tokens_per_pair: Optional[torch.Tensor] = None):
+        # One forward of a micro-batch (padded or packed) and its loss. Only the positions that
+        # predict a response token go through the output layer, fused with the log-softmax so
+        # that no [tokens, vocab] logits are kept for backward (num_output_chunks chunks).
         with self._activations_ctx:
-            out = model_sequence_logps(self._model, tokens, labels, num_chunks=self._num_output_chunks)
-        chosen = type(out)(*(t[:b] for t in out))
-        rejected = type(out)(*(t[b:] for t in out))
-        losses, chosen_rewards, rejected_rewards = self._loss_fn(chosen.logps, rejected.logps)
-        return losses, chosen_rewards, rejected_rewards, chosen, rejected
+            return preference_forward(
+                self._model, batch, self._loss_fn, device=self._device,
+                num_chunks=self._num_output_chunks, chosen_tokens_per_pair=chosen_tokens_per_pair,
+            )
 
     @torch.no_grad()
     def evaluate(self) -> Optional[Dict[str, float]]:
@@ -290,8 +297,7 @@ class SimPORecipeSingleDevice:
         self._model.eval()
         metrics = PreferenceMetrics.for_loss(self._loss_fn, self._device)
         for batch in self._eval_dataloader:
-            losses, cr, rr, chosen, rejected = self._forward(batch)
-            metrics.update(losses, cr, rr, chosen, rejected)
+            metrics.update(self._forward(batch))
         self._model.train()
         result = {f"eval/{k}": val for k, val in metrics.compute().items()}
         self._metric_logger.log_dict(result, step=self.global_step)
@@ -316,18 +322,21 @@ class SimPORecipeSingleDevice:
             # Resume mid-epoch: skip the micro-batches that the saved steps already consumed.
             skip = self._step_in_epoch * self._grad_accum
             batches = islice(self._dataloader, skip, self._steps_per_epoch * self._grad_accum)
+            steps = iter(lambda: list(islice(batches, self._grad_accum)), [])  # micro-batches of a step
             pbar = tqdm(total=self._steps_per_epoch, initial=self._step_in_epoch, disable=not sys.stderr.isatty())
-            rows = []
-            for idx, batch in enumerate(batches, start=skip):
-                losses, cr, rr, chosen, rejected = self._forward(batch)
-                loss = losses.mean() / self._grad_accum
-                loss.backward()
-                running_loss += loss.detach()
-                self._metrics.update(losses, cr, rr, chosen, rejected)
-                num_tokens += int(batch["num_tokens"])
-                rows.append(batch["rows"])
-                if (idx + 1) % self._grad_accum != 0:
-                    continue
+            for micro_batches in steps:
+                # A "token"-mean NLL term (CPO, ORPO, princeton's sft) divides by the chosen tokens
+                # of the whole step, whatever the split into micro-batches (CPU ints: no sync).
+                per_pair = sum(mb["chosen_tokens"] for mb in micro_batches) / (self._grad_accum * self._batch_size)
+                rows = []
+                for batch in micro_batches:
+                    out = self._forward(batch, chosen_tokens_per_pair=per_pair)
+                    loss = out.losses.mean() / self._grad_accum
+                    loss.backward()
+                    running_loss += loss.detach()
+                    self._metrics.update(out)
+                    num_tokens += int(batch["num_tokens"])
+                    rows.append(batch["rows"])
 
                 grad_norm = None
                 params = list(self._adapter_params.values())
@@ -369,7 +378,6 @@ class SimPORecipeSingleDevice:
                     t0, num_tokens = time.perf_counter(), 0
                     self._metrics.reset()
                 running_loss.zero_()
-                rows = []
 
                 if self._eval_every is not None and self.global_step % self._eval_every == 0:
                     self._last_eval = self.evaluate()

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 from prefopt.logprobs import SequenceLogps
 from prefopt.loss import SimPOLoss
 from prefopt.metrics import PreferenceMetrics
+from prefopt.step import PreferenceOutput
 
 
 def fake(n, seed):
@@ -33,6 +34,10 @@ def reference(loss_fn, c, r):
     return {k: v.item() for k, v in out.items()}
 
 
+def out(loss_fn, c, r):
+    return PreferenceOutput(*loss_fn(c.logps, r.logps), c, r, loss_fn.metrics(c.logps, r.logps))
+
+
 def cat(a, b):
     return SequenceLogps(*(torch.cat([x, y]) for x, y in zip(a, b)))
 
@@ -44,7 +49,7 @@ def test_uneven_micro_batches_give_whole_batch_means(sft):
     c2, r2 = fake(7, 1)  # uneven sizes: a mean of means would be wrong
     m = PreferenceMetrics.for_loss(loss_fn, torch.device("cpu"))
     for c, r in ((c1, r1), (c2, r2)):
-        m.update(*loss_fn(c.logps, r.logps), c, r)
+        m.update(out(loss_fn, c, r))
     got = m.compute()
     want = reference(loss_fn, cat(c1, c2), cat(r1, r2))
     assert set(got) == set(want)
@@ -60,7 +65,7 @@ def _worker(rank, port, results):
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
     c, r = fake(2 + 3 * rank, rank)  # ranks hold 2 and 5 examples
     m = PreferenceMetrics.for_loss(loss_fn, torch.device("cpu"))
-    m.update(*loss_fn(c.logps, r.logps), c, r)
+    m.update(out(loss_fn, c, r))
     results[rank] = m.compute(all_reduce=True)
     dist.destroy_process_group()
 
