@@ -3,7 +3,7 @@
 Every variant maps (model, tokens, labels) to the per-pair SimPO losses and runs backward, and
 each gives the same losses and gradients as ``ours`` (``profile_step.py`` checks it):
 
-* ``ours``          recipes' ``_forward`` + backward: prefopt.logprobs.model_sequence_logps (only the
+* ``ours``          recipes' step + backward: prefopt.step.preference_forward (only the
                     positions that predict a response token go through the output layer, fused with
                     the log-softmax, no logits kept for backward) -> prefopt.loss.SimPOLoss.
 * ``chunked_logits`` the recipes' path before the profile (session 1): the model's chunked logits
@@ -27,13 +27,15 @@ import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from torchtune.rlhf import get_batch_log_probs
 
-from prefopt.logprobs import _chunk_bounds, model_sequence_logps, sequence_logps, token_logps
+from prefopt.logprobs import _chunk_bounds, score_plan_from_labels, sequence_logps, token_logps
 from prefopt.loss import SimPOLoss
+from prefopt.step import preference_forward
 
 SHAPE = dict(num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=256, intermediate_dim=688, max_seq_len=4096, norm_eps=1e-5)
 LORA = dict(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=False, apply_lora_to_output=False, lora_rank=8, lora_alpha=16, lora_dropout=0.0)
 NUM_OUTPUT_CHUNKS = 8  # chunked_logits / response_only: the pre-profile recipe setting
 OURS_CHUNKS = 16  # the recipes' num_output_chunks default (chunks of the response positions)
+assert OURS_CHUNKS == __import__("recipes.simpo_lora_single_device").simpo_lora_single_device.CONFIG_SPEC["num_output_chunks"].default
 
 
 def build_model(vocab: int, lora: bool = True, seed: int = 0) -> torch.nn.Module:
@@ -72,8 +74,8 @@ def _split(logps: torch.Tensor, loss_fn) -> torch.Tensor:
 
 
 def step_ours(model, tokens, labels, loss_fn):
-    out = model_sequence_logps(model, tokens, labels, num_chunks=OURS_CHUNKS)
-    return _split(out.logps, loss_fn)
+    batch = {"tokens": tokens, "plan": score_plan_from_labels(labels)}  # the padded collate's layout
+    return preference_forward(model, batch, loss_fn, device=tokens.device, num_chunks=OURS_CHUNKS).losses
 
 
 def step_chunked_logits(model, tokens, labels, loss_fn):

@@ -4,7 +4,7 @@ SimPO trainer (CPU, float32). Background and the differences we keep on purpose:
 What is driven on each side:
 
 * **Ours**: a torchtune ``llama2`` loaded through ``FullModelHFCheckpointer(model_type="LLAMA2")``,
-  ``prefopt.logprobs.model_sequence_logps`` (response positions only, fused output layer),
+  ``prefopt.step.preference_forward`` (response positions only, fused output layer),
   ``prefopt.loss.SimPOLoss``, ``prefopt.metrics.PreferenceMetrics``, and
   ``prefopt.data.padded_collate_preference``: the lines of ``recipes/simpo_lora_single_device.py``'s
   ``_forward``/``train``, with all weights trainable instead of LoRA.
@@ -52,7 +52,8 @@ from torchtune.training import FullModelHFCheckpointer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prefopt.data import padded_collate_preference, preference_dataset, truncate_pair
-from prefopt.logprobs import SequenceLogps, model_sequence_logps
+from prefopt.step import preference_forward
+from recipes.simpo_lora_single_device import CONFIG_SPEC
 from prefopt.loss import SimPOLoss
 from prefopt.metrics import PreferenceMetrics
 
@@ -63,7 +64,7 @@ IGNORE = CROSS_ENTROPY_IGNORE_IDX
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 512
 SHAPE = dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128, max_seq_len=128)
-NUM_OUTPUT_CHUNKS = 8  # the recipe's default
+NUM_OUTPUT_CHUNKS = CONFIG_SPEC["num_output_chunks"].default  # the recipes' default
 TOL = 1e-5
 TOL_TRAIN = 1e-4
 METRICS = (
@@ -196,18 +197,14 @@ def trl_batch(trainer, idx):
 
 
 def our_forward(model, batch, loss_fn):
-    """recipes/simpo_lora_single_device.py: SimPORecipeSingleDevice._forward."""
-    out = model_sequence_logps(model, batch["tokens"], batch["labels"], num_chunks=8)
-    b = batch["tokens"].shape[0] // 2
-    chosen = SequenceLogps(*(t[:b] for t in out))
-    rejected = SequenceLogps(*(t[b:] for t in out))
-    losses, cr, rr = loss_fn(chosen.logps, rejected.logps)
-    return losses, cr, rr, chosen, rejected
+    """What both recipes call: prefopt.step.preference_forward (with the recipes' default chunks)."""
+    out = preference_forward(model, batch, loss_fn, device=torch.device("cpu"), num_chunks=NUM_OUTPUT_CHUNKS)
+    return out.losses, out.chosen_rewards, out.rejected_rewards, out.chosen, out.rejected
 
 
-def our_metrics(losses, cr, rr, chosen, rejected):
-    m = PreferenceMetrics(torch.device("cpu"))
-    m.update(losses, cr, rr, chosen, rejected)
+def our_metrics(loss_fn, out):
+    m = PreferenceMetrics.for_loss(loss_fn, torch.device("cpu"))
+    m.update(out)
     return m.compute()
 
 
@@ -365,13 +362,6 @@ def test_one_batch_matches_trl_cpo_simpo(models, word_tokenizer, tmp_path, beta,
         trl_loss, trl_metrics = trainer.get_batch_loss_metrics(hf, batch)
         trl_c, trl_r = trainer.concatenated_forward(hf, batch)[:2]
         trl_losses = trainer.cpo_loss(trl_c, trl_r)[0]
-        # The same batch with every attention-mask entry 1: what our recipe computes (it calls
-        # the model without a mask; causal attention alone).
-        unmasked = dict(batch)
-        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-        for key in ("chosen_attention_mask", "rejected_attention_mask"):
-            unmasked[key] = torch.ones(len(items), width, dtype=torch.long)
-        _, trl_metrics_unmasked = trainer.get_batch_loss_metrics(hf, unmasked)
 
     # our gamma is TRL's simpo_gamma; princeton's gamma_beta_ratio is gamma / beta
     loss_fn = SimPOLoss(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
@@ -380,8 +370,20 @@ def test_one_batch_matches_trl_cpo_simpo(models, word_tokenizer, tmp_path, beta,
         from_ratio = SimPOLoss(beta=beta, gamma_beta_ratio=gamma / beta, label_smoothing=label_smoothing)
         assert from_ratio.gamma == pytest.approx(trainer.simpo_gamma)
     with torch.no_grad():
-        losses, cr, rr, chosen, rejected = our_forward(tune, padded_collate_preference(items, padding_idx=PAD), loss_fn)
-    ours = our_metrics(losses, cr, rr, chosen, rejected)
+        out = preference_forward(tune, padded_collate_preference(items, padding_idx=PAD), loss_fn,
+                                 device=torch.device("cpu"), num_chunks=NUM_OUTPUT_CHUNKS)
+        losses, chosen, rejected = out.losses, out.chosen, out.rejected
+        # logits/*: ours is the mean over each sequence's own positions (no padding) and the vocab,
+        # then over sequences -- the same figure in the padded and packed layouts. TRL's is the
+        # mean over every entry of the padded rows (test_logits_metrics_differ_from_trl_only_at_padding);
+        # here the masked HF model's logits give ours.
+        cat = CPOTrainer.concatenated_inputs(batch, padding_value=PAD)
+        real = cat["concatenated_attention_mask"].bool()
+        logits = hf(cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"]).logits
+        per_seq = (logits * real[..., None]).sum((1, 2)) / (real.sum(1) * logits.shape[-1])
+        b = len(items)
+        real_means = {"logits/chosen": per_seq[:b].mean().item(), "logits/rejected": per_seq[b:].mean().item()}
+    ours = our_metrics(loss_fn, out)
 
     diffs = {
         "logps/per-sequence": max((chosen.logps - trl_c).abs().max().item(), (rejected.logps - trl_r).abs().max().item()),
@@ -391,9 +393,7 @@ def test_one_batch_matches_trl_cpo_simpo(models, word_tokenizer, tmp_path, beta,
     }
     for name in METRICS:
         if name.startswith("logits/"):
-            # mean over every [position, vocab] entry of the padded rows, padding included, in both
-            # trainers; TRL's model masks the padding keys, ours does not (test below).
-            diffs[name] = abs(ours[name] - trl_metrics_unmasked[name])
+            diffs[name] = abs(ours[name] - real_means[name])
         else:
             diffs[name] = abs(ours[name] - trl_metrics[name])
     print(f"\nmax |ours - TRL| beta={beta} gamma={gamma} ls={label_smoothing}: " + json.dumps(diffs))
@@ -472,10 +472,9 @@ def test_matches_princeton_with_equal_chosen_lengths(models, loss_type, label_sm
             gamma_beta_ratio=ratio, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
         )
         loss_fn = SimPOLoss(beta=beta, gamma_beta_ratio=ratio, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight)
-        losses, cr, rr, chosen, rejected = our_forward(tune, batch, loss_fn)
-        m = PreferenceMetrics.for_loss(loss_fn, torch.device("cpu"))
-        m.update(losses, cr, rr, chosen, rejected)
-        ours = m.compute()
+        out = preference_forward(tune, batch, loss_fn, device=torch.device("cpu"), num_chunks=NUM_OUTPUT_CHUNKS)
+        losses, chosen, rejected = out.losses, out.chosen, out.rejected
+        ours = our_metrics(loss_fn, out)
     assert len(set(chosen.num_tokens.tolist())) == 1  # all chosen responses: 7 tokens
     diffs = {
         "logps/per-sequence": max((chosen.logps - p_c).abs().max().item(), (rejected.logps - p_r).abs().max().item()),
