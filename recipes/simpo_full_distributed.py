@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.datasets import ConcatDataset
+from torchtune.modules import TiedLinear
 from tqdm import tqdm
 
 from prefopt.checkpointing import (
@@ -205,6 +206,11 @@ class SimPORecipeDistributed:
         self.epochs_run = 0
         self.global_step = 0
         self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
+        # A sharding layout the model cannot take fails here, before any weights are read.
+        with torch.device("meta"):
+            problem = sharding_problem(config.instantiate(v["model"]), v["custom_sharded_layers"])
+        if problem:
+            raise ValueError(problem)
         if self._is_rank_zero:
             check_output_dir(self._output_dir)
             self._check_checkpoint_space()
@@ -780,7 +786,19 @@ def _shard_model(
     mp_policy: Optional[MixedPrecisionPolicy],
 ) -> None:
     """torchtune.training.shard_model (same conditions, bottom-up, the root last) plus FSDP2's
-    ``mp_policy``, which torchtune's function does not pass through."""
+    ``mp_policy``, which torchtune's function does not pass through.
+
+    The root is never resharded after forward: its parameters (the embedding, the final norm and,
+    unless sharded on its own, the output layer) are needed again as soon as backward starts, so
+    resharding them would cost one more all-gather per micro-batch for nothing.
+
+    Raises:
+        ValueError: for a tied output layer (``TiedLinear``) with ``tok_embeddings`` sharded on
+            its own: the fused projection would see the embedding weight as a sharded DTensor.
+    """
+    problem = sharding_problem(model, custom_sharded_layers)
+    if problem:
+        raise ValueError(problem)
     kwargs: Dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -793,7 +811,18 @@ def _shard_model(
             sharded += 1
     if sharded == 0:
         raise ValueError("FSDP: no decoder layer ('layers.<i>') or custom_sharded_layers module found to shard")
-    fully_shard(model, **kwargs)
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+
+
+def sharding_problem(model: torch.nn.Module, custom_sharded_layers: Optional[List[str]]) -> Optional[str]:
+    """Why ``custom_sharded_layers`` cannot shard ``model`` (None if it can)."""
+    if isinstance(getattr(model, "output", None), TiedLinear) and "tok_embeddings" in (custom_sharded_layers or []):
+        return (
+            f"custom_sharded_layers={list(custom_sharded_layers)}: this model's output layer is tied to "
+            "tok_embeddings, which must then stay in the root FSDP unit (the output projection, run by the "
+            "root, would see a sharded embedding weight); use custom_sharded_layers: null"
+        )
+    return None
 
 
 def _init_distributed(device: torch.device):
