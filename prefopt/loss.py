@@ -509,8 +509,10 @@ class ORPOLoss(nn.Module):
 
     @staticmethod
     def log_odds(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> torch.Tensor:
-        """Per-example ``log(odds(y_w|x) / odds(y_l|x))`` from average log-probs (float32 math)."""
-        chosen, rejected = policy_chosen_logps.float(), policy_rejected_logps.float()
+        """Per-example ``log(odds(y_w|x) / odds(y_l|x))`` from average log-probs, in float32 at
+        least (TRL upcasts to float32; float64 stays float64)."""
+        dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
+        chosen, rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
         return (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
 
     def forward(
@@ -537,8 +539,8 @@ class ORPOLoss(nn.Module):
         losses = nll - self.beta * F.logsigmoid(self.log_odds(policy_chosen_logps, policy_rejected_logps))
         return (
             losses,
-            self.beta * policy_chosen_logps.detach().float(),
-            self.beta * policy_rejected_logps.detach().float(),
+            self.beta * policy_chosen_logps.detach().to(losses.dtype),
+            self.beta * policy_rejected_logps.detach().to(losses.dtype),
         )
 
     def metrics(
