@@ -30,7 +30,7 @@ def reference(loss_fn, c, r):
         "logits/chosen": c.logits_mean.mean(), "logits/rejected": r.logits_mean.mean(),
     }
     if loss_fn.sft_weight > 0:
-        out["sft_loss"] = -c.logps.mean()
+        out["nll_loss"] = -c.logps.mean()
     return {k: v.item() for k, v in out.items()}
 
 

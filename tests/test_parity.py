@@ -483,7 +483,7 @@ def test_matches_princeton_with_equal_chosen_lengths(models, loss_type, label_sm
     if sft_weight == 0:
         diffs["losses/per-example"] = (losses - p_losses).abs().max().item()
     else:
-        diffs["sft_loss"] = abs(ours["sft_loss"] - p_metrics["sft_loss"])
+        diffs["nll_loss"] = abs(ours["nll_loss"] - p_metrics["sft_loss"])
     for name in METRICS:
         if not name.startswith("logits/"):  # padding-dependent, see the TRL test above
             diffs[name] = abs(ours[name] - p_metrics[name])
@@ -491,10 +491,11 @@ def test_matches_princeton_with_equal_chosen_lengths(models, loss_type, label_sm
     assert all(d <= TOL for d in diffs.values()), diffs
 
 
-def test_sft_term_differs_from_princeton_when_chosen_lengths_differ(models):
+def test_sft_term_equals_princeton_when_chosen_lengths_differ(models):
     """princeton: sft_weight x cross-entropy averaged over ALL chosen tokens of the batch (long
-    responses weigh more). Ours: sft_weight x each example's own token-mean NLL, averaged over
-    examples. Both are exact for their definition; they differ unless the lengths are equal."""
+    responses weigh more): ours with ``sft_reduction="token"`` (the default). With
+    ``sft_reduction="sequence"`` each example's own token-mean NLL is averaged over examples
+    instead: a different quantity unless the chosen lengths are equal."""
     tune, hf = models
     beta, ratio, w = 2.5, 0.55, 1.0
     _, items = make_pairs(LENGTHS, seed=1)  # chosen responses of 2, 21, 3 and 8 tokens
@@ -504,16 +505,16 @@ def test_sft_term_differs_from_princeton_when_chosen_lengths_differ(models):
             hf, batch["tokens"], (batch["tokens"] != PAD).long(), batch["labels"], beta=beta,
             gamma_beta_ratio=ratio, loss_type="sigmoid", sft_weight=w,
         )
-        loss_fn = SimPOLoss(beta=beta, gamma_beta_ratio=ratio, sft_weight=w)
-        losses, cr, rr, chosen, _ = our_forward(tune, batch, loss_fn)
+        token, _, _, chosen, _ = our_forward(tune, batch, SimPOLoss(beta=beta, gamma_beta_ratio=ratio, sft_weight=w))
+        seq, *_ = our_forward(tune, batch, SimPOLoss(beta=beta, gamma_beta_ratio=ratio, sft_weight=w, sft_reduction="sequence"))
     n, avg = chosen.num_tokens.double(), chosen.logps.double()
     token_mean_nll = (-(n * avg).sum() / n.sum()).item()
     example_mean_nll = (-avg.mean()).item()
     assert abs(p_metrics["sft_loss"] - token_mean_nll) <= TOL
-    assert abs(p_loss.item() - (p_losses.mean().item() + w * token_mean_nll)) <= TOL
-    assert abs(losses.mean().item() - (p_losses.mean().item() + w * example_mean_nll)) <= TOL
-    gap = abs(losses.mean().item() - p_loss.item())
-    print(f"\nsft term, unequal chosen lengths {n.tolist()}: |ours - princeton| loss = {gap:.3e}")
+    assert abs(token.mean().item() - p_loss.item()) <= TOL
+    assert abs(seq.mean().item() - (p_losses.mean().item() + w * example_mean_nll)) <= TOL
+    gap = abs(seq.mean().item() - p_loss.item())
+    print(f"\nsft term, unequal chosen lengths {n.tolist()}: |sequence - princeton| loss = {gap:.3e}")
     assert gap > 1e-3
 
 
