@@ -295,3 +295,31 @@ def test_recipe_resume_lock_fresh_run_and_corrupt_state(tmp_path, small_data):
     r = LORA.SimPORecipeSingleDevice(_cfg(out, "overwrite_output_dir=True", data=small_data))
     assert not (out / "checkpoints").exists() and (out / "config.yaml").exists()
     r._lock.close()
+
+
+def test_full_recipe_one_process_resumes_past_a_corrupt_shard(tmp_path, small_data):
+    """In-process, a one-process group: the newest state's *.distcp is cut short; the resume
+    takes the older one (every rank decides together, through the collective load)."""
+    import torch.distributed as dist
+
+    cfg = OmegaConf.merge(
+        OmegaConf.load(REPO / "configs/tiny/simpo_full.yaml"),
+        OmegaConf.from_dotlist([f"output_dir={tmp_path}/full", f"dataset.data_files={small_data}", "eval_dataset=null",
+                                "eval_every_n_steps=null", "batch_size=8", "max_steps_per_epoch=2",
+                                "save_every_n_steps=1"]),
+    )
+    try:
+        r = FULL.SimPORecipeDistributed(cfg)
+        r.setup(cfg)
+        r.train()
+        r.cleanup()
+        shard = tmp_path / "full" / "checkpoints" / "step_2" / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:1000])
+        cfg.resume_from_checkpoint = True
+        r = FULL.SimPORecipeDistributed(cfg)
+        r.setup(cfg)
+        assert r.global_step == 1
+        r.cleanup()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
