@@ -5,13 +5,16 @@ torchtune's recipes read keys with ``cfg.get(key, default)`` wherever they need 
 recipe) is silently ignored. A prefopt recipe declares its keys once as a ``{name: Key}`` spec;
 :func:`validate_config` rejects unknown keys (suggesting the closest valid name), missing
 required keys, wrong types and out-of-range values, and checks each ``_component_`` block's
-arguments against the component's signature -- all listed in one :class:`ConfigError`.
+arguments against the component's signature (names, annotated types, and the ranges of known
+numeric arguments such as ``lr`` or ``betas``) -- all listed in one :class:`ConfigError`.
 """
 
 import difflib
 import importlib
 import inspect
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -73,6 +76,98 @@ def _resolve(path: str) -> Any:
     return getattr(obj, attr)
 
 
+def _type_problem(value: Any, ann: Any) -> Optional[str]:
+    """Why ``value`` (a plain YAML value) does not fit the annotation ``ann``, or None if it fits
+    or the annotation is not one we can check (a class, a Tensor, a callable, ...: the component
+    itself decides). Numbers: int fits float; bool never fits int or float."""
+    if ann is inspect.Parameter.empty or ann is Any or isinstance(ann, (str, typing.TypeVar)):
+        return None
+    origin = typing.get_origin(ann)
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(ann, types.UnionType)):
+        alts = typing.get_args(ann)
+        results = [_type_problem(value, a) for a in alts]
+        if any(r is None for r in results):
+            return None
+        return " or ".join(dict.fromkeys(r for r in results if r != "Tensor")) or "Tensor"
+    if origin is typing.Literal:
+        return None if value in typing.get_args(ann) else f"one of {list(typing.get_args(ann))}"
+    if origin in (tuple, list, typing.Sequence, getattr(__import__("collections.abc").abc, "Sequence")):
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return _type_name(ann)
+        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+        if origin is tuple and args and Ellipsis not in typing.get_args(ann) and len(args) != len(value):
+            return f"{_type_name(ann)} of {len(args)} items"
+        for i, x in enumerate(value):
+            a = args[min(i, len(args) - 1)] if args else Any
+            if _type_problem(x, a) is not None:
+                return _type_name(ann)
+        return None
+    if ann is type(None) or ann is None:
+        return None if value is None else "null"
+    if ann is bool:
+        return None if isinstance(value, bool) else "bool"
+    if ann is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "int"
+    if ann is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "float"
+    if ann is str:
+        return None if isinstance(value, str) else "str"
+    if getattr(ann, "__module__", "") == "torch" and getattr(ann, "__name__", "") == "Tensor":
+        return "Tensor"  # a YAML value is never one (AdamW's `lr: float | Tensor` must be a float)
+    return None  # any other class: not checkable from YAML
+
+
+def _type_name(ann: Any) -> str:
+    if ann is type(None) or ann is None:
+        return "null"
+    if isinstance(ann, type) and typing.get_origin(ann) is None:
+        return ann.__name__
+    return str(ann).replace("typing.", "")
+
+
+def _in_unit(v: Any) -> Optional[str]:
+    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
+# Arguments whose values are known by name, whatever the component: a learning rate of -1e-3 or a
+# beta of 1.5 fails at start-up, not after the model is built (torch checks them only when the
+# optimizer is created). Checked only when the value is a number (or a list of numbers).
+KNOWN_NUMERIC_ARGS: Dict[str, Callable[[Any], Optional[str]]] = {
+    "lr": lambda v: non_negative(v),
+    "weight_decay": lambda v: non_negative(v),
+    "eps": lambda v: positive(v),
+    "momentum": lambda v: non_negative(v),
+    "betas": _in_unit,
+    "num_warmup_steps": lambda v: non_negative(v),
+    "lora_rank": lambda v: at_least(1)(v),
+    "lora_alpha": lambda v: positive(v),
+    "lora_dropout": _in_unit,
+}
+
+
+def _value_problems(where: str, name: str, value: Any, ann: Any) -> List[str]:
+    """Type (from the signature's annotation) and known-range problems of one component argument."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        try:
+            value = OmegaConf.to_container(value, resolve=True)
+        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported by the component
+            return []
+    expected = _type_problem(value, ann)
+    if expected is not None:
+        return [f"{where}.{name}: expected {expected}, got {type(value).__name__} {value!r:.60}"]
+    check = KNOWN_NUMERIC_ARGS.get(name)
+    numbers = value if isinstance(value, list) else [value]
+    if check is None or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+        return []
+    for x in numbers:
+        if not math.isfinite(x):
+            return [f"{where}.{name}: must be finite, got {x}"]
+        msg = check(x)
+        if msg:
+            return [f"{where}.{name}: {msg}"]
+    return []
+
+
 def _check_component(where: str, block: Any, bound: Tuple[str, ...]) -> List[str]:
     """Problems with one ``_component_`` block: unresolvable target, unknown or missing args."""
     if not isinstance(block, (dict, DictConfig)) or "_component_" not in block:
@@ -83,9 +178,12 @@ def _check_component(where: str, block: Any, bound: Tuple[str, ...]) -> List[str
     except (ImportError, AttributeError) as e:
         return [f"{where}._component_: cannot import {target!r} ({e})"]
     try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return []
+        sig = inspect.signature(fn, eval_str=True)
+    except (TypeError, ValueError, NameError):
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return []
     params = sig.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
@@ -97,6 +195,12 @@ def _check_component(where: str, block: Any, bound: Tuple[str, ...]) -> List[str
             close = difflib.get_close_matches(str(k), valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{where}.{k}: not an argument of {target}{hint}")
+        else:
+            try:
+                value = block[k]
+            except Exception:  # noqa: BLE001 - an unresolvable interpolation: the component reports it
+                continue
+            problems += _value_problems(where, str(k), value, params[k].annotation)
     for n, p in params.items():
         if n in bound or n == "self" or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue

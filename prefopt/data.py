@@ -15,6 +15,7 @@ Config use (same sources and ``column_map`` as ``torchtune.datasets.preference_d
 import json
 import logging
 import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -33,6 +34,7 @@ __all__ = [
     "padded_collate_preference",
     "truncate_pair",
     "find_undecodable_text",
+    "scan_json_lines",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,13 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
             )
         self._column_map = column_map or {"chosen": "chosen", "rejected": "rejected"}
         files = load_dataset_kwargs.get("data_files")
+        # Empty files and JSON Lines lines that are not JSON objects, before `datasets` sees them
+        # (it fails on both without naming the file or line): an error, or (drop) such lines
+        # are replaced by `{}` in a temporary copy and counted below as bad rows.
+        scratch = tempfile.TemporaryDirectory(prefix="prefopt_jsonl_")
+        load_files, unparsable = scan_json_lines(source, files, on_bad_example, scratch=Path(scratch.name))
+        if unparsable:
+            load_dataset_kwargs = {**load_dataset_kwargs, "data_files": load_files}
         try:
             super().__init__(
                 source=source,
@@ -159,6 +168,8 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
             # Always an error, also with on_bad_example=drop: the file does not load, so there
             # is no row to drop. Fix or delete that line.
             raise BadExample(f"{found}; the file cannot be loaded, fix or delete that line", "undecodable text") from e
+        finally:
+            scratch.cleanup()  # `datasets` has its own copy (arrow cache) now
         self.source_name = f"{source}:{files}" if files else f"{source}[{split}]"
         self.max_seq_len = max_seq_len
         self.max_prompt_len = max_prompt_len
@@ -166,6 +177,9 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
         self.dropped: Counter = Counter()
         self._examples: List[Dict[str, Any]] = []
         for row in range(len(self._data)):
+            if row in unparsable:
+                self.dropped["invalid JSON"] += 1
+                continue
             try:
                 self._examples.append(self._build(row, self._row(row)))
             except BadExample as e:
@@ -349,6 +363,106 @@ def find_undecodable_text(path: Union[str, Path]) -> Optional[str]:
                 return f"{where}{', field ' + repr(field) if field else ''}: a lone surrogate escape \"\\u{lone}\" (not Unicode text)"
             row += not blank
     return None
+
+
+def _file_list(files: Any) -> List[Any]:
+    if isinstance(files, Mapping):
+        return [f for v in files.values() for f in ([v] if isinstance(v, (str, Path)) else v)]
+    if isinstance(files, (str, Path)):
+        return [files]
+    return list(files) if isinstance(files, (list, tuple)) or hasattr(files, "__iter__") else []
+
+
+def scan_json_lines(
+    source: str, files: Any, on_bad_example: str = "drop", *, scratch: Optional[Path] = None
+) -> Tuple[Any, Dict[int, str]]:
+    """Check local data files before ``datasets.load_dataset`` reads them.
+
+    - A file with no content (0 bytes or only blank lines) is an error in either mode: it names
+      the file (``datasets`` raises a bare ``StopIteration`` or loads 0 rows).
+    - In a JSON Lines file (``source="json"``, a ``.jsonl``/``.ndjson`` name, or a ``.json`` whose
+      first non-blank line is a whole JSON object), a line that is not a JSON object is a bad
+      row, named by file, line (1-based) and row (0-based, non-blank lines before it; rows of
+      several files are counted on across them, as ``datasets`` concatenates them):
+      ``on_bad_example="error"`` raises, ``"drop"`` writes a copy of the file to ``scratch``
+      with each such line replaced by ``{}`` (so the rows after it keep their numbers) and
+      returns those rows for the dataset to drop and count.
+
+    Only plain local files are read; other sources and a JSON document read with ``field=`` are
+    left to ``datasets`` (pass ``source`` as given to :func:`preference_dataset`).
+
+    Returns:
+        Tuple[Any, Dict[int, str]]: ``data_files`` to load (the copies where lines were replaced,
+        same structure as given) and ``{row: message}`` of the replaced lines.
+
+    Raises:
+        ValueError: an empty file; :class:`BadExample` (error mode) for the first bad line.
+    """
+    if source not in _TEXT_SOURCES or files is None:
+        return files, {}
+    paths = [Path(f) for f in _file_list(files) if isinstance(f, (str, Path)) and Path(f).is_file()]
+    replaced: Dict[str, str] = {}
+    bad_rows: Dict[int, str] = {}
+    offset = 0
+    for path in paths:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines(keepends=True)
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"{path}: the data file is empty (no rows): check the path in data_files or the export that wrote it")
+        if source != "json":
+            continue
+        first = next(line for line in lines if line.strip())
+        jsonl = path.suffix in (".jsonl", ".ndjson")
+        if not jsonl and path.suffix == ".json":
+            try:
+                jsonl = isinstance(json.loads(first), dict)
+            except ValueError:
+                jsonl = False  # a JSON document (an array, a pretty-printed object): not line based
+        if not jsonl:
+            continue
+        out, row, changed = [], 0, False
+        for lineno, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                out.append(raw)
+                continue
+            try:
+                obj = json.loads(raw)
+                problem = None if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
+            except UnicodeDecodeError:
+                problem = None  # undecodable bytes: find_undecodable_text's job (a row error later)
+            except ValueError as e:
+                problem = f"not valid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+            if problem is None:
+                out.append(raw)
+            else:
+                msg = f"{path}: line {lineno} (row {row}): {problem}"
+                if on_bad_example == "error":
+                    raise BadExample(msg + "; fix or delete that line, or set on_bad_example=drop to skip it", "invalid JSON")
+                log.warning("%s; the row is dropped", msg)
+                bad_rows[offset + row] = msg
+                out.append(b"{}\n")
+                changed = True
+            row += 1
+        offset += row
+        if changed:
+            if scratch is None:
+                scratch = Path(tempfile.mkdtemp(prefix="prefopt_jsonl_"))
+            copy = scratch / f"{len(replaced)}_{path.name}"
+            copy.write_bytes(b"".join(out))
+            replaced[str(path)] = str(copy)
+    if not replaced:
+        return files, bad_rows
+
+    def swap(f: Any) -> Any:
+        return replaced.get(str(f), f) if isinstance(f, (str, Path)) else f
+
+    if isinstance(files, Mapping):
+        files = {k: (swap(v) if isinstance(v, (str, Path)) else [swap(f) for f in v]) for k, v in files.items()}
+    elif isinstance(files, (str, Path)):
+        files = swap(files)
+    else:
+        files = [swap(f) for f in files]
+    return files, bad_rows
 
 
 def _undecodable_in_files(source: str, files: Any) -> Optional[str]:

@@ -48,6 +48,20 @@ from prefopt.checkpointing import (
     describe_write_error,
     optimizer_states_per_param,
 )
+from prefopt.guards import (
+    CONFIG_FILE,
+    RESUME_KEYS,
+    CollapseGuard,
+    CorruptCheckpointError,
+    check_device,
+    check_fresh_output_dir,
+    load_checkpoint_file,
+    load_newest_intact,
+    load_run_config,
+    lock_output_dir,
+    resume_mismatches,
+    save_run_config,
+)
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
 from prefopt.metrics import PreferenceMetrics
@@ -100,6 +114,10 @@ CONFIG_SPEC = {
     "keep_last_n_checkpoints": Key((int, type(None)), default=None, check=at_least(1), doc="null keeps all"),
     "resume_from_checkpoint": Key(bool, default=False),
     "on_nonfinite": Key(str, default="error", check=one_of("error", "skip")),
+    "on_collapse": Key(str, default="error", check=one_of("error", "warn"),
+                       doc="zero gradient norm at lr > 0, or all log-probs/logits of a step equal, collapse_steps steps in a row"),
+    "collapse_steps": Key(int, default=3, check=at_least(1), doc="collapsed steps in a row before on_collapse acts"),
+    "overwrite_output_dir": Key(bool, default=False, doc="a fresh run deletes the resume states already in output_dir"),
 }
 # Arguments the recipe passes to components itself; a config must not set them.
 BOUND_ARGS = {
@@ -112,6 +130,10 @@ BOUND_ARGS = {
 PROFILER = "torchtune.training.setup_torch_profiler"
 # <output_dir>/checkpoints/step_<N>/{.metadata, __<rank>_0.distcp, rng_rank<r>.pt, recipe_state.pt, COMPLETE}
 STATE_DIR = "checkpoints"
+# What a resume must match besides the library's RESUME_KEYS: the world size may change (DCP
+# reshards), so batch_size is compared as batch_size x world_size (the pairs of a micro-batch over
+# all ranks) from recipe_state.pt, and optimizer_in_bwd decides the optimizer state's layout.
+RESUME_CONFIG_KEYS = tuple(k for k in RESUME_KEYS if k != "batch_size") + ("optimizer_in_bwd",)
 
 
 def _cross_checks(v: Dict[str, Any]) -> list:
@@ -169,6 +191,8 @@ class SimPORecipeDistributed:
         # Validate first: a bad key must fail before a process group or a model exists.
         v = validate_config(cfg, CONFIG_SPEC, bound_args=BOUND_ARGS, extra_checks=_cross_checks)
         self._cfg = v
+        self._run_cfg = cfg  # saved as config.yaml beside every resume state
+        check_device(v["device"])  # utils.get_device does not check that CUDA exists
         self._device = utils.get_device(device=v["device"])  # cuda: cuda:<LOCAL_RANK>
         self._dtype = training.get_dtype(v["dtype"], device=self._device)  # compute dtype
         # Mixed precision: SimPO's learning rates (~1e-6) move a weight by ~1e-6 per step, far
@@ -192,6 +216,7 @@ class SimPORecipeDistributed:
         self._save_every = v["save_every_n_steps"]
         self._keep_last = v["keep_last_n_checkpoints"]
         self._on_nonfinite = v["on_nonfinite"]
+        self._collapse = CollapseGuard(patience=v["collapse_steps"], action=v["on_collapse"])
         self._num_output_chunks = v["num_output_chunks"]
         # Loss scaling. FSDP2 AVERAGES gradients over the world_size ranks; each rank's loss is
         # the SUM of its per-pair losses times world_size / global_batch, so that the averaged
@@ -211,8 +236,14 @@ class SimPORecipeDistributed:
             problem = sharding_problem(config.instantiate(v["model"]), v["custom_sharded_layers"])
         if problem:
             raise ValueError(problem)
+        self._lock = None
         if self._is_rank_zero:
+            log.info(f"device {self._device} (rank 0 of {self.world_size}), dtype {self._dtype}")
             check_output_dir(self._output_dir)
+            self._lock = lock_output_dir(self._output_dir)  # rank 0 holds it for the whole run
+            if not v["resume_from_checkpoint"]:
+                check_fresh_output_dir(self._output_dir, STATE_DIR, overwrite=v["overwrite_output_dir"])
+                save_run_config(cfg, self._output_dir / CONFIG_FILE)  # a resumed run never overwrites it
             self._check_checkpoint_space()
         dist.barrier()
 
@@ -515,6 +546,7 @@ class SimPORecipeDistributed:
                     running[0] += loss.detach()
                     running[1] += batch["num_tokens"]
                     self._metrics.update(out)
+                    self._collapse.observe(out.chosen, out.rejected)
                     rows.append(batch["rows"])
                     skipped = False
                     if self._optimizer_in_bwd:
@@ -523,6 +555,7 @@ class SimPORecipeDistributed:
                         skipped = self._nonfinite(running[0], None, rows, epoch)
                         if not skipped:
                             loss.backward()
+                            self._check_collapse(None)  # the update is already made: report only
                     else:
                         loss.backward()
                     del loss, out
@@ -533,13 +566,18 @@ class SimPORecipeDistributed:
                         grad_norm = torch.nn.utils.clip_grad_norm_(
                             self._model.parameters(), max_norm=self._clip_grad_norm
                         )
-                        if isinstance(grad_norm, DTensor):
-                            grad_norm = grad_norm.full_tensor()
+                    else:  # the collapse and NaN checks need the norm without clipping too (no copy)
+                        grad_norm = torch.nn.utils.get_total_norm(
+                            [p.grad for p in self._model.parameters() if p.grad is not None]
+                        )
+                    if isinstance(grad_norm, DTensor):
+                        grad_norm = grad_norm.full_tensor()
                     # One reduction and host sync per step: every rank takes the same decision,
                     # and a NaN/inf must not reach the weights.
                     dist.all_reduce(running)
                     skipped = self._nonfinite(running[0], grad_norm, rows, epoch)
                     if not skipped:
+                        self._check_collapse(grad_norm)
                         self._optimizers[0].step()
                 self._zero_grad()
                 if not skipped and self._lr_scheduler is not None:
@@ -613,6 +651,17 @@ class SimPORecipeDistributed:
         self._info(msg + "; step skipped (on_nonfinite=skip)")
         return True
 
+    def _check_collapse(self, grad_norm: Optional[torch.Tensor]) -> None:
+        """Collective: the step's log-prob/logit bounds reduced over ranks, then the same
+        collapse decision on every rank (raises for on_collapse=error). Runs right after the
+        non-finite check's host sync; ``grad_norm`` is already the global norm."""
+        bounds = self._collapse.bounds().to(self._device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        spreads = CollapseGuard.spreads_from_bounds(bounds).tolist()
+        norm = None if grad_norm is None else grad_norm.item()
+        lr = self._optimizers[0].param_groups[0]["lr"]
+        self._collapse.check(self.global_step + 1, grad_norm=norm, lr=lr, spreads=spreads)
+
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int, end_of_epoch: bool) -> None:
         """A resume state (always, atomically), plus at epoch ends the full model in the
@@ -650,6 +699,7 @@ class SimPORecipeDistributed:
             torch.save(rng, tmp_dir / f"rng_rank{self.rank}.pt")
             if self._is_rank_zero:
                 self._save_recipe_state(tmp_dir)
+                save_run_config(self._run_cfg, tmp_dir / CONFIG_FILE)  # what a resume must match
         except (OSError, RuntimeError, CheckpointException) as e:
             # DCP raises the same CheckpointException, naming the failed ranks, on every rank
             failed = describe_write_error(e)
@@ -718,34 +768,46 @@ class SimPORecipeDistributed:
             shutil.rmtree(old, ignore_errors=True)
 
     def _load_resume_state(self) -> None:
-        ckpt_dir = latest_complete(self._output_dir / STATE_DIR) if self._is_rank_zero else None
-        box = [ckpt_dir]
-        dist.broadcast_object_list(box, src=0)  # every rank loads the folder rank 0 chose
-        ckpt_dir = box[0]
-        if ckpt_dir is None:
+        box = [complete_states(self._output_dir / STATE_DIR) if self._is_rank_zero else None]
+        dist.broadcast_object_list(box, src=0)  # every rank tries the folders rank 0 listed, in order
+        states = box[0]
+        if not states:
             raise FileNotFoundError(
                 f"resume_from_checkpoint=True but {self._output_dir / STATE_DIR} holds no complete checkpoint "
                 "(a step_<N>/ folder with a COMPLETE marker)"
             )
-        state = torch.load(ckpt_dir / "recipe_state.pt", map_location="cpu", weights_only=False)
-        # The data order depends on the seed, max_steps_per_epoch and the pairs per micro-batch
-        # over all ranks (batch_size x world_size); the world size itself may change.
-        mine = {
-            "seed": self.seed,
-            "max_steps_per_epoch": self.max_steps_per_epoch,
-            "gradient_accumulation_steps": self._grad_accum,
-            "batch_size x world_size": self._batch_size * self.world_size,
-            "optimizer_in_bwd": self._optimizer_in_bwd,
-        }
-        saved = {**state, "batch_size x world_size": state["batch_size"] * state["world_size"]}
-        wrong = [f"{k}={mine[k]} in the config but {saved[k]} in {ckpt_dir}" for k in mine if saved[k] != mine[k]]
-        if wrong:
-            raise ValueError(
-                "resume: " + "; ".join(wrong) + ". The data order or the state would differ; use the saved values."
-            )
         model_sd, optim_sd = get_state_dict(self._model, self._optimizers)
         loaded = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(loaded, checkpoint_id=ckpt_dir)  # into this rank's shards, resharding if needed
+
+        def load(d: Path):
+            """Collective; every rank raises the same: CorruptCheckpointError (try the next older
+            state) for a file that cannot be read, ValueError for a config that does not match."""
+            local = None
+            try:
+                state = load_checkpoint_file(d / "recipe_state.pt", weights_only=False)
+                rng_file = d / f"rng_rank{self.rank}.pt"
+                same_world = state["world_size"] == self.world_size and rng_file.exists()
+                rng = load_checkpoint_file(rng_file, weights_only=False) if same_world else None
+                saved_cfg = load_run_config(d / CONFIG_FILE)
+            except Exception as e:  # noqa: BLE001 - a YAML or key error is a damaged file as well
+                local = str(e) if isinstance(e, CorruptCheckpointError) else f"{d}: {type(e).__name__}: {e}"
+            errors: List[Any] = [None] * self.world_size
+            dist.all_gather_object(errors, local)
+            bad = [e for e in errors if e]
+            if bad:
+                raise CorruptCheckpointError(bad[0])
+            self._check_resume_config(d, state, saved_cfg)
+            try:
+                dcp.load(loaded, checkpoint_id=d)  # into this rank's shards, resharding if needed
+            except CheckpointException as e:  # raised on every rank, naming the ranks that failed
+                raise CorruptCheckpointError(
+                    f"{d}: the sharded weights/optimizer state (*.distcp) cannot be read ({describe_write_error(e)})"
+                ) from e
+            return state, rng
+
+        ckpt_dir, (state, rng), skipped = load_newest_intact(states, load)
+        if skipped:
+            self._info(f"resuming from {ckpt_dir}, the newest intact resume state; skipped: " + "; ".join(skipped))
         set_state_dict(
             self._model, self._optimizers, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
         )
@@ -755,9 +817,7 @@ class SimPORecipeDistributed:
         self.epochs_run = state["epochs_run"]
         self._step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
-        rng_file = ckpt_dir / f"rng_rank{self.rank}.pt"
-        if state["world_size"] == self.world_size and rng_file.exists():
-            rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+        if rng is not None:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and self._device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"])
@@ -767,6 +827,33 @@ class SimPORecipeDistributed:
         )
         dist.barrier()
 
+    def _check_resume_config(self, ckpt_dir: Path, state: Dict[str, Any], saved_cfg: Optional[DictConfig]) -> None:
+        """Raise ValueError naming every key that differs from the saved run in what decides the
+        data order and the restored shapes (same inputs on every rank: the same decision)."""
+        wrong = []
+        if saved_cfg is not None:
+            wrong += resume_mismatches(saved_cfg, self._run_cfg, RESUME_CONFIG_KEYS)
+        elif self._is_rank_zero:
+            log.warning(f"{ckpt_dir} has no {CONFIG_FILE} (an older run): only recipe_state.pt is compared")
+        # The resolved seed (a null seed is drawn at random) and the pairs per micro-batch over
+        # all ranks (batch_size x world_size); the world size itself may change.
+        mine = {
+            "seed": self.seed,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
+            "gradient_accumulation_steps": self._grad_accum,
+            "batch_size x world_size": self._batch_size * self.world_size,
+            "optimizer_in_bwd": self._optimizer_in_bwd,
+        }
+        saved = {**state, "batch_size x world_size": state["batch_size"] * state["world_size"]}
+        known = {w.split("=")[0] for w in wrong}
+        wrong += [f"{k}={mine[k]!r} in the config but {saved[k]!r} in the saved run" for k in mine
+                  if saved[k] != mine[k] and k not in known]
+        if wrong:
+            raise ValueError(
+                f"resume: the config differs from the saved run's ({ckpt_dir}) in what a resume must keep: "
+                + "; ".join(wrong) + ". Use the saved values, or start a fresh run in another output_dir."
+            )
+
     def cleanup(self) -> None:
         # Peak resident memory of every rank, in one line on rank 0.
         peaks: List[Any] = [None] * self.world_size
@@ -774,6 +861,8 @@ class SimPORecipeDistributed:
         self._info("peak RSS per rank (GiB): " + ", ".join(f"{p:.2f}" for p in peaks))
         if self._metric_logger is not None:
             self._metric_logger.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the output_dir lock
         destroy_process_group()
 
 

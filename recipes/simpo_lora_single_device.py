@@ -9,6 +9,7 @@
 # This file is meant to be copied and edited (`prefopt cp simpo_lora_single_device .`): it
 # depends on torchtune and the small `prefopt` library only, and shares no base class.
 
+import math
 import os
 import resource
 import shutil
@@ -37,11 +38,25 @@ from tqdm import tqdm
 from prefopt.checkpointing import (
     check_checkpoint_space,
     check_output_dir,
+    complete_states,
     latest_complete,
     checkpoint_bytes,
     checkpoint_write_error,
     describe_write_error,
     optimizer_states_per_param,
+)
+from prefopt.guards import (
+    CONFIG_FILE,
+    RESUME_KEYS,
+    CollapseGuard,
+    check_device,
+    check_fresh_output_dir,
+    load_checkpoint_file,
+    load_newest_intact,
+    load_run_config,
+    lock_output_dir,
+    resume_mismatches,
+    save_run_config,
 )
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
@@ -86,6 +101,10 @@ CONFIG_SPEC = {
     "resume_from_checkpoint": Key(bool, default=False),
     "save_adapter_weights_only": Key(bool, default=False),
     "on_nonfinite": Key(str, default="error", check=one_of("error", "skip")),
+    "on_collapse": Key(str, default="error", check=one_of("error", "warn"),
+                       doc="zero gradient norm at lr > 0, or all log-probs/logits of a step equal, collapse_steps steps in a row"),
+    "collapse_steps": Key(int, default=3, check=at_least(1), doc="collapsed steps in a row before on_collapse acts"),
+    "overwrite_output_dir": Key(bool, default=False, doc="a fresh run deletes the resume states already in output_dir"),
 }
 # Arguments the recipe passes to components itself; a config must not set them.
 BOUND_ARGS = {
@@ -127,8 +146,11 @@ class SimPORecipeSingleDevice:
     def __init__(self, cfg: DictConfig) -> None:
         v = validate_config(cfg, CONFIG_SPEC, bound_args=BOUND_ARGS, extra_checks=_cross_checks)
         self._cfg = v
+        self._run_cfg = cfg  # saved as config.yaml beside every resume state
+        check_device(v["device"])  # utils.get_device does not check that CUDA exists
         self._device = utils.get_device(device=v["device"])
         self._dtype = training.get_dtype(v["dtype"], device=self._device)
+        log.info(f"device {self._device}, dtype {self._dtype}")
         self._output_dir = Path(v["output_dir"])
         self._log_every_n_steps = v["log_every_n_steps"]
         # CUDA: allocator statistics; CPU: the process's peak resident set size.
@@ -138,6 +160,7 @@ class SimPORecipeSingleDevice:
         self._eval_every = v["eval_every_n_steps"]
         self._save_every = v["save_every_n_steps"]
         self._on_nonfinite = v["on_nonfinite"]
+        self._collapse = CollapseGuard(patience=v["collapse_steps"], action=v["on_collapse"])
         self._num_output_chunks = v["num_output_chunks"]
         self._batch_size = v["batch_size"]
         self.seed = training.set_seed(seed=v["seed"])
@@ -147,6 +170,10 @@ class SimPORecipeSingleDevice:
         self.global_step = 0
         self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
         check_output_dir(self._output_dir)
+        self._lock = lock_output_dir(self._output_dir)  # held until cleanup / the process ends
+        if not v["resume_from_checkpoint"]:
+            check_fresh_output_dir(self._output_dir, STATE_DIR, overwrite=v["overwrite_output_dir"])
+            save_run_config(cfg, self._output_dir / CONFIG_FILE)  # a resumed run never overwrites it
         self._check_checkpoint_space()
 
     def _check_checkpoint_space(self) -> None:
@@ -335,6 +362,7 @@ class SimPORecipeSingleDevice:
                     loss.backward()
                     running_loss += loss.detach()
                     self._metrics.update(out)
+                    self._collapse.observe(out.chosen, out.rejected)
                     num_tokens += int(batch["num_tokens"])
                     rows.append(batch["rows"])
 
@@ -342,8 +370,14 @@ class SimPORecipeSingleDevice:
                 params = list(self._adapter_params.values())
                 if self._clip_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self._clip_grad_norm)
-                # One host sync per optimizer step: a NaN/inf must not reach the weights.
-                bad = not torch.isfinite(running_loss) or (grad_norm is not None and not torch.isfinite(grad_norm))
+                else:  # the collapse and NaN checks need the norm without clipping too (no copy)
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                # One host sync per optimizer step: a NaN/inf must not reach the weights; the same
+                # read feeds the collapse check.
+                loss_v, norm_v, *spreads = torch.cat(
+                    [running_loss.view(1).float(), grad_norm.view(1).float().to(self._device), self._collapse.spreads().to(self._device)]
+                ).tolist()
+                bad = not math.isfinite(loss_v) or not math.isfinite(norm_v)
                 if bad:
                     msg = (
                         f"non-finite loss or gradient at step {self.global_step + 1} (epoch {epoch}); "
@@ -353,6 +387,8 @@ class SimPORecipeSingleDevice:
                         raise FloatingPointError(msg + ". The last checkpoint is untouched; set on_nonfinite=skip to skip such steps.")
                     log.warning(msg + "; step skipped (on_nonfinite=skip)")
                 else:
+                    lr = self._optimizer.param_groups[0]["lr"]
+                    self._collapse.check(self.global_step + 1, grad_norm=norm_v, lr=lr, spreads=spreads)
                     self._optimizer.step()
                     if self._lr_scheduler is not None:
                         self._lr_scheduler.step()
@@ -368,8 +404,7 @@ class SimPORecipeSingleDevice:
                         "lr": self._optimizer.param_groups[0]["lr"],
                         "tokens_per_second": num_tokens / elapsed,
                     }
-                    if grad_norm is not None:
-                        log_dict["grad_norm"] = grad_norm.item()
+                    log_dict["grad_norm"] = norm_v
                     if self._log_peak_memory_stats:
                         log_dict.update(_memory_stats(self._device))
                     self._metric_logger.log_dict(log_dict, step=self.global_step)
@@ -429,6 +464,7 @@ class SimPORecipeSingleDevice:
             tmp_dir.mkdir(parents=True)
             torch.save(adapter, tmp_dir / "adapter.pt")
             torch.save(state, tmp_dir / "recipe_state.pt")
+            save_run_config(self._run_cfg, tmp_dir / CONFIG_FILE)  # what a resume must match
             (tmp_dir / "COMPLETE").write_text(f"step {self.global_step}\n")
         except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
             shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; the previous states stay
@@ -469,14 +505,32 @@ class SimPORecipeSingleDevice:
                     os.replace(f, epoch_dir / "adapter" / f.name)
 
     def _load_resume_state(self) -> None:
-        ckpt_dir = latest_complete(self._output_dir / STATE_DIR)
-        if ckpt_dir is None:
+        states = complete_states(self._output_dir / STATE_DIR)
+        if not states:
             raise FileNotFoundError(
                 f"resume_from_checkpoint=True but {self._output_dir / STATE_DIR} holds no complete checkpoint "
                 "(a step_<N>/ folder with a COMPLETE marker)"
             )
-        adapter = torch.load(ckpt_dir / "adapter.pt", map_location="cpu", weights_only=True)
-        state = torch.load(ckpt_dir / "recipe_state.pt", map_location="cpu", weights_only=False)
+
+        def load(d: Path):  # a file that cannot be read: fall back to the next older state
+            return (
+                load_checkpoint_file(d / "adapter.pt", weights_only=True),
+                load_checkpoint_file(d / "recipe_state.pt", weights_only=False),
+                load_run_config(d / CONFIG_FILE),
+            )
+
+        ckpt_dir, (adapter, state, saved_cfg), skipped = load_newest_intact(states, load)
+        if skipped:
+            log.warning(f"resuming from {ckpt_dir}, the newest intact resume state; skipped: " + "; ".join(skipped))
+        if saved_cfg is None:
+            log.warning(f"{ckpt_dir} has no {CONFIG_FILE} (an older run): the config is not compared with it")
+        else:
+            wrong = resume_mismatches(saved_cfg, self._run_cfg, RESUME_KEYS)
+            if wrong:
+                raise ValueError(
+                    f"resume: the config differs from the saved run's ({ckpt_dir / CONFIG_FILE}) in what a resume "
+                    "must keep: " + "; ".join(wrong) + ". Use the saved values, or start a fresh run in another output_dir."
+                )
         missing, unexpected = self._model.load_state_dict(adapter, strict=False)
         if unexpected or any(k in missing for k in adapter):
             raise ValueError(f"{ckpt_dir}/adapter.pt does not match this model's LoRA layout: unexpected {unexpected}")
@@ -499,6 +553,7 @@ class SimPORecipeSingleDevice:
 
     def cleanup(self) -> None:
         self._metric_logger.close()
+        self._lock.close()  # releases the output_dir lock
 
 
 def _memory_stats(device: torch.device) -> Dict[str, float]:

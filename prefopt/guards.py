@@ -1,0 +1,403 @@
+"""Start-up and run-time guards shared by both recipes: the device, the output_dir (one run at a
+time, no silent mixing with another run's resume states), what a resume must match, which
+resume state is intact, and a training collapse that is finite but learns nothing.
+
+Everything here is torch-distributed free: the recipes decide which rank calls what (rank 0 owns
+the output_dir lock and the output_dir checks; every rank runs the collapse check on reduced
+values, so every rank decides the same).
+"""
+
+import fcntl
+import logging
+import math
+import os
+import pickle
+import shutil
+import socket
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+__all__ = [
+    "check_device",
+    "OutputDirLockedError",
+    "lock_output_dir",
+    "ExistingRunError",
+    "check_fresh_output_dir",
+    "RESUME_KEYS",
+    "CONFIG_FILE",
+    "save_run_config",
+    "load_run_config",
+    "resume_mismatches",
+    "CorruptCheckpointError",
+    "load_checkpoint_file",
+    "load_newest_intact",
+    "TrainingCollapseError",
+    "CollapseGuard",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------
+# device
+
+
+def check_device(requested: str) -> torch.device:
+    """The ``torch.device`` for the config's ``device``, or an error if this machine lacks it.
+
+    torchtune's ``utils.get_device`` does not check that CUDA exists (a run with ``device: cuda``
+    on a CPU-only machine fails later, deep inside the first ``.to()``); this names what was
+    requested and what is available, before anything is built.
+
+    Raises:
+        RuntimeError: for ``cuda``/``cuda:<i>`` without CUDA (or with fewer devices), ``mps``
+            without MPS, or a string torch does not know as a device.
+    """
+    available = ["cpu"]
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available += [f"cuda:{i}" for i in range(n_cuda)]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        available.append("mps")
+    try:
+        dev = torch.device(requested)
+    except RuntimeError as e:
+        raise RuntimeError(f"device={requested!r} is not a torch device ({e}); available here: {', '.join(available)}") from e
+    missing = None
+    if dev.type == "cuda":
+        if n_cuda == 0:
+            build = f"torch {torch.__version__}, " + (f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build")
+            missing = f"CUDA is not available ({build})"
+        elif dev.index is not None and dev.index >= n_cuda:
+            missing = f"this machine has {n_cuda} CUDA device(s)"
+    elif dev.type == "mps" and "mps" not in available:
+        missing = "MPS is not available"
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        missing = f"the recipes run on cpu, cuda or mps, not {dev.type}"
+    if missing:
+        raise RuntimeError(
+            f"device={requested!r} was requested, but {missing}; available here: {', '.join(available)}. "
+            "Set device to one of them (e.g. device=cpu)."
+        )
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------
+# output_dir: one run at a time, and no fresh run on top of another run's resume states
+
+LOCK_FILE = ".lock"
+
+
+class OutputDirLockedError(RuntimeError):
+    """Another live process holds ``<output_dir>/.lock``."""
+
+
+def lock_output_dir(output_dir: Union[str, Path]):
+    """Take ``<output_dir>/.lock`` (``fcntl.flock``, exclusive, non-blocking) and write this
+    process's PID, host and start time into it; return the open file, which holds the lock until
+    it is closed or the process ends (a killed run leaves no stale lock: the kernel drops it).
+
+    ``flock`` locks belong to the open file, so a second call, even in the same process, fails.
+    Note: ``flock`` on NFS is emulated with POSIX locks on Linux (works across nodes on NFSv4).
+
+    Raises:
+        OutputDirLockedError: naming the folder and the holder (PID and host from the file).
+    """
+    path = Path(output_dir) / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        raise OutputDirLockedError(
+            f"output_dir={str(output_dir)!r} is in use by another run ({holder}; lock file {path}). Two runs in "
+            "one output_dir would overwrite each other's checkpoints: wait for it to end, or choose another output_dir."
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+class ExistingRunError(FileExistsError):
+    """A fresh run was pointed at an output_dir that holds another run's resume states."""
+
+
+def check_fresh_output_dir(output_dir: Union[str, Path], state_dir: str, *, overwrite: bool) -> List[Path]:
+    """For a fresh run (``resume_from_checkpoint=False``): refuse an ``output_dir`` whose
+    ``state_dir`` holds resume states (``step_<N>``, complete or not), unless ``overwrite``, in
+    which case they, the saved ``config.yaml`` and the epoch exports (``epoch_<N>/``) are
+    removed so that the new run starts clean. Returns what was removed.
+
+    Why: the new run's ``step_<N>`` would sit beside (or replace) the old run's, and a later
+    ``resume_from_checkpoint=True`` would continue whichever is newest: a mix of two runs.
+
+    Raises:
+        ExistingRunError: naming the folder, what it holds and the two switches.
+    """
+    out = Path(output_dir)
+    root = out / state_dir
+    states = sorted(p for p in root.glob("step_*")) if root.is_dir() else []
+    if not states:
+        return []
+    if not overwrite:
+        names = ", ".join(p.name for p in states[:5]) + (f", ... ({len(states)} in all)" if len(states) > 5 else "")
+        raise ExistingRunError(
+            f"output_dir={str(out)!r} holds resume states of an earlier run ({root}: {names}), and this is a fresh run "
+            "(resume_from_checkpoint=False). Set resume_from_checkpoint=True to continue that run, "
+            "overwrite_output_dir=True to delete its states and start clean, or choose another output_dir."
+        )
+    removed = [root] + [p for p in [out / CONFIG_FILE, *sorted(out.glob("epoch_*"))] if p.exists()]
+    for p in removed:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    log.warning("overwrite_output_dir=True: removed %s", ", ".join(str(p) for p in removed))
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------
+# what a resume must match
+
+# Top-level config keys (whole blocks: every key inside them) that must be the same in a resumed
+# run as in the run that wrote the resume state: they decide which pairs make up each step (the
+# data, its truncation, the order), how many steps there are (the LR schedule's length), and the
+# shapes of what is restored (the model, e.g. model.lora_rank). A new such key (say `packed`) is
+# one more entry here. Recipes add their own (e.g. optimizer_in_bwd) and derived values (the
+# distributed recipe: batch_size x world_size, since the world size may change on resume).
+RESUME_KEYS: Tuple[str, ...] = (
+    "model",
+    "dataset",
+    "seed",
+    "shuffle",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "epochs",
+    "max_steps_per_epoch",
+    "packed",
+)
+CONFIG_FILE = "config.yaml"
+
+
+def save_run_config(cfg: DictConfig, path: Union[str, Path]) -> None:
+    """Write ``cfg`` (interpolations resolved) to ``path`` as YAML, atomically (a temporary
+    name, then a rename), so that a kill never leaves half a config beside a resume state."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))))
+    os.replace(tmp, path)
+
+
+def load_run_config(path: Union[str, Path]) -> Optional[DictConfig]:
+    """The config saved by :func:`save_run_config`, or None if there is none (a resume state
+    written before configs were saved)."""
+    path = Path(path)
+    return OmegaConf.load(path) if path.is_file() else None
+
+
+def _flat(value: Any, prefix: str) -> Dict[str, Any]:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        out: Dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out or {prefix: {}}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple, DictConfig, ListConfig)) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flat(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def resume_mismatches(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] = RESUME_KEYS
+) -> List[str]:
+    """The config keys (dotted, e.g. ``model.lora_rank``) among ``keys`` whose values differ
+    between the saved run's config and this run's, as ``"key=<this run> in the config but
+    <saved> in the saved run"`` lines. A key missing on one side counts as ``<unset>``.
+    Interpolations are resolved on both sides; ``1`` and ``1.0`` are equal.
+
+    Args:
+        saved, current: configs (DictConfig or plain mappings).
+        keys: top-level keys to compare (default :data:`RESUME_KEYS`).
+    """
+    unset = "<unset>"
+    problems = []
+    for key in keys:
+        a = _flat(saved[key], key) if key in saved else {key: unset}
+        b = _flat(current[key], key) if key in current else {key: unset}
+        for k in sorted(set(a) | set(b), key=lambda s: (s not in b, s)):
+            va, vb = a.get(k, unset), b.get(k, unset)
+            if va != vb:
+                problems.append(f"{k}={vb!r} in the config but {va!r} in the saved run")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# which resume state is intact
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A file of a resume state cannot be read (truncated, overwritten, bit rot)."""
+
+
+# what torch.load / torch.distributed.checkpoint raise on a truncated or garbled file
+_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def load_checkpoint_file(path: Union[str, Path], **torch_load_kwargs: Any) -> Any:
+    """``torch.load(path, map_location="cpu", ...)``, with any read error turned into a
+    :class:`CorruptCheckpointError` naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", **torch_load_kwargs)
+    except _READ_ERRORS as e:
+        raise CorruptCheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+
+
+def load_newest_intact(states: Sequence[Path], load: Callable[[Path], T]) -> Tuple[Path, T, List[str]]:
+    """Try ``load(state)`` on ``states`` (complete resume states, oldest first) from the newest
+    down; return the first that loads, its result, and one line per newer state that did not
+    (``load`` raises :class:`CorruptCheckpointError` for those; any other error, e.g. a config
+    mismatch, propagates at once: an older state would not fix it).
+
+    Raises:
+        FileNotFoundError: ``states`` is empty.
+        CorruptCheckpointError: every state is corrupt (one line per state).
+    """
+    if not states:
+        raise FileNotFoundError("no complete resume state")
+    skipped: List[str] = []
+    for state in reversed(list(states)):
+        try:
+            return state, load(state), skipped
+        except CorruptCheckpointError as e:
+            skipped.append(str(e))
+            if state is not states[0]:
+                log.warning("resume state %s is corrupt (%s); trying the next older one", state, e)
+    raise CorruptCheckpointError(
+        f"every complete resume state is corrupt, none can be resumed from:\n  - " + "\n  - ".join(skipped)
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# collapse: finite numbers, but nothing is learned
+
+
+class TrainingCollapseError(RuntimeError):
+    """The run showed the signs of a collapse for ``collapse_steps`` steps in a row."""
+
+
+class CollapseGuard:
+    """Counts optimizer steps in a row that show a collapse and acts on the ``patience``-th.
+
+    A step is collapsed if any of:
+
+    - the gradient norm is exactly 0 while the learning rate is > 0 (a saturated loss, e.g. a
+      hinge loss past its margin for every pair, or frozen/zeroed weights: nothing moves);
+    - all ``2b`` average log-probs of the step's chosen and rejected responses are equal (the
+      model no longer depends on its input, e.g. weights blown to a constant output);
+    - all ``2b`` mean logits are equal (the same, seen in the logits).
+
+    Usage per optimizer step (no host sync of its own: :meth:`spreads` gives device tensors that
+    the recipe reads together with the loss it already checks for NaN/inf)::
+
+        guard.observe(chosen, rejected)   # each micro-batch; SequenceLogps halves
+        spreads = guard.spreads()         # [2] tensor: max - min of logps, of logits_mean
+        ... .tolist() together with the loss and grad norm ...
+        guard.check(step, grad_norm=..., lr=..., spreads=(s_logps, s_logits))
+
+    Args:
+        patience (int): collapsed steps in a row that trigger (>= 1).
+        action (str): ``"error"`` raises :class:`TrainingCollapseError`, ``"warn"`` logs a
+            warning (once per streak) and training goes on.
+    """
+
+    def __init__(self, patience: int = 3, action: str = "error") -> None:
+        if patience < 1:
+            raise ValueError(f"collapse_steps must be >= 1, got {patience}")
+        if action not in ("error", "warn"):
+            raise ValueError(f"on_collapse must be 'error' or 'warn', got {action!r}")
+        self.patience, self.action = patience, action
+        self.tolerance = 1e-6  # relative spread below which the values count as equal
+        self.streak: List[str] = []  # what was seen on each collapsed step of the current streak
+        self._first: Optional[int] = None
+        self._lo: Optional[torch.Tensor] = None  # [2]: min of (logps, logits_mean) this step
+        self._hi: Optional[torch.Tensor] = None
+
+    def observe(self, chosen: Any, rejected: Any) -> None:
+        """Fold one micro-batch's ``SequenceLogps`` halves into this step's min/max (device ops)."""
+        x = torch.stack(
+            [torch.cat([chosen.logps, rejected.logps]).detach().float(),
+             torch.cat([chosen.logits_mean, rejected.logits_mean]).detach().float()]
+        )  # [2, 2b]
+        lo, hi = x.min(dim=1).values, x.max(dim=1).values
+        self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
+        self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
+
+    def bounds(self) -> torch.Tensor:
+        """``[4]``: (-min logps, -min logits, max logps, max logits) of this step, for an
+        all-reduce(MAX) over ranks; then :meth:`spreads_from_bounds`. Resets the step."""
+        lo, hi = self._lo, self._hi
+        self._lo = self._hi = None
+        if lo is None:
+            return torch.full((4,), float("nan"))
+        return torch.cat([-lo, hi])
+
+    def spreads(self) -> torch.Tensor:
+        """``[2]``: max - min over the step's sequences of the log-probs and of the mean logits
+        (NaN before any :meth:`observe`). Resets the step."""
+        return self.spreads_from_bounds(self.bounds())
+
+    @staticmethod
+    def spreads_from_bounds(bounds: torch.Tensor) -> torch.Tensor:
+        """Relative spreads ``(max - min) / max(1, |max|, |min|)`` from :meth:`bounds`: equal
+        up to float rounding (the mean of the same logits over rows of different lengths) is 0."""
+        neg_lo, hi = bounds[:2], bounds[2:]
+        scale = torch.maximum(hi.abs(), neg_lo.abs()).clamp(min=1.0)
+        return (hi + neg_lo) / scale
+
+    def check(self, step: int, *, grad_norm: Optional[float], lr: float, spreads: Sequence[float]) -> Optional[str]:
+        """Count ``step`` (1-based) as collapsed or not; on the ``patience``-th collapsed step in a
+        row raise (``action="error"``) or return the warning (``"warn"``, also logged). Host
+        floats only. ``grad_norm`` None: not known this step (optimizer in backward)."""
+        seen = []
+        if grad_norm is not None and grad_norm == 0.0 and lr > 0:
+            seen.append(f"gradient norm exactly 0 at lr={lr:g}")
+        s_logps, s_logits = (float(s) for s in spreads)
+        if s_logps <= self.tolerance:
+            seen.append("every chosen and rejected average log-prob equal")
+        if s_logits <= self.tolerance:
+            seen.append("every chosen and rejected mean logit equal")
+        if not seen:
+            self.streak, self._first = [], None
+            return None
+        if not self.streak:
+            self._first = step
+        self.streak.append(f"step {step}: " + ", ".join(seen))
+        if len(self.streak) != self.patience:
+            return None
+        msg = (
+            f"training collapsed: {self.patience} optimizer step(s) in a row (steps {self._first}-{step}) showed "
+            f"{'; '.join(self.streak)}. Nothing is being learned (a saturated loss, a learning rate that blew the "
+            "weights to a constant output, frozen parameters)"
+        )
+        if self.action == "error":
+            raise TrainingCollapseError(
+                msg + f". Stopped before step {step}'s update; resume states written before step {self._first} are "
+                "intact. Set on_collapse=warn to train on regardless."
+            )
+        msg += "; training goes on (on_collapse=warn)"
+        log.warning(msg)
+        return msg

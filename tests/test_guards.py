@@ -1,0 +1,325 @@
+"""Reliability, second round: the guards in prefopt.guards / prefopt.config / prefopt.data, as
+library functions and inside the real recipe classes (in-process, tiny model, a 48-pair file)."""
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import REPO, TINY
+from prefopt.config import ConfigError, validate_config
+from prefopt.guards import (
+    CollapseGuard,
+    CorruptCheckpointError,
+    ExistingRunError,
+    OutputDirLockedError,
+    TrainingCollapseError,
+    check_device,
+    check_fresh_output_dir,
+    load_checkpoint_file,
+    load_newest_intact,
+    lock_output_dir,
+    resume_mismatches,
+)
+
+
+def _recipe_module(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / "recipes" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+LORA = _recipe_module("simpo_lora_single_device")
+
+
+# ---------------------------------------------------------------------------------------------- device
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_requested_without_cuda_names_requested_and_available(tmp_path):
+    with pytest.raises(RuntimeError) as e:
+        check_device("cuda")
+    assert str(e.value).startswith("device='cuda' was requested, but CUDA is not available (torch ")
+    assert "available here: cpu. Set device to one of them (e.g. device=cpu)." in str(e.value)
+    with pytest.raises(RuntimeError, match="device='cuda:1' was requested, but CUDA is not available"):
+        check_device("cuda:1")
+    with pytest.raises(RuntimeError, match="device='gpu' is not a torch device"):
+        check_device("gpu")
+    assert check_device("cpu") == torch.device("cpu")
+    # the recipe stops before it builds anything (nothing written to output_dir)
+    with pytest.raises(RuntimeError, match="device='cuda' was requested, but CUDA is not available"):
+        LORA.SimPORecipeSingleDevice(_cfg(tmp_path / "o", "device=cuda"))
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- output_dir
+def test_output_dir_lock_names_the_holder_and_is_released(tmp_path):
+    held = lock_output_dir(tmp_path)
+    with pytest.raises(OutputDirLockedError) as e:
+        lock_output_dir(tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"output_dir='{tmp_path}' is in use by another run (pid {os.getpid()} on host ")
+    assert f"lock file {tmp_path}/.lock" in msg
+    held.close()  # what the end of the process does as well
+    lock_output_dir(tmp_path).close()
+
+
+def test_fresh_run_into_a_folder_with_resume_states_refuses_unless_overwrite(tmp_path):
+    (tmp_path / "checkpoints" / "step_20").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_40.tmp").mkdir()
+    (tmp_path / "epoch_0").mkdir()
+    (tmp_path / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(ExistingRunError) as e:
+        check_fresh_output_dir(tmp_path, "checkpoints", overwrite=False)
+    assert str(e.value) == (
+        f"output_dir='{tmp_path}' holds resume states of an earlier run ({tmp_path}/checkpoints: step_20, step_40.tmp), "
+        "and this is a fresh run (resume_from_checkpoint=False). Set resume_from_checkpoint=True to continue that run, "
+        "overwrite_output_dir=True to delete its states and start clean, or choose another output_dir."
+    )
+    assert (tmp_path / "checkpoints" / "step_20").exists()  # nothing lost
+    removed = check_fresh_output_dir(tmp_path, "checkpoints", overwrite=True)
+    assert removed == [tmp_path / "checkpoints", tmp_path / "config.yaml", tmp_path / "epoch_0"]
+    assert not any(p.exists() for p in removed)
+    assert check_fresh_output_dir(tmp_path, "checkpoints", overwrite=False) == []
+
+
+# ---------------------------------------------------------------------------------------------- resume keys
+def test_resume_mismatches_name_the_dotted_key():
+    saved = OmegaConf.create({"model": {"lora_rank": 8, "lora_alpha": 16}, "batch_size": 16, "seed": 1,
+                              "dataset": {"max_seq_len": 128}, "optimizer": {"lr": 1e-3}})
+    cur = OmegaConf.create({"model": {"lora_rank": 16, "lora_alpha": 16.0}, "batch_size": 16, "seed": 1,
+                            "dataset": {"max_seq_len": 128, "packed": True}, "optimizer": {"lr": 5e-4}})
+    assert resume_mismatches(saved, cur) == [
+        "model.lora_rank=16 in the config but 8 in the saved run",
+        "dataset.packed=True in the config but '<unset>' in the saved run",
+    ]  # lora_alpha 16 == 16.0; the optimizer is not a resume key
+
+
+# ---------------------------------------------------------------------------------------------- corrupt states
+def test_newest_intact_state_skips_a_truncated_file(tmp_path):
+    states = []
+    for step in (1, 2, 3):
+        d = tmp_path / f"step_{step}"
+        d.mkdir()
+        torch.save({"w": torch.full((256,), float(step))}, d / "adapter.pt")
+        states.append(d)
+    data = (states[2] / "adapter.pt").read_bytes()
+    (states[2] / "adapter.pt").write_bytes(data[: len(data) // 2])  # a torn write / bad disk
+    load = lambda d: load_checkpoint_file(d / "adapter.pt", weights_only=True)  # noqa: E731
+    chosen, sd, skipped = load_newest_intact(states, load)
+    assert chosen == states[1] and sd["w"][0].item() == 2.0
+    assert len(skipped) == 1 and skipped[0].startswith(f"{states[2]}/adapter.pt: cannot be read (RuntimeError: ")
+    for d in states[:2]:
+        (d / "adapter.pt").write_bytes(b"garbage")
+    with pytest.raises(CorruptCheckpointError, match="every complete resume state is corrupt") as e:
+        load_newest_intact(states, load)
+    assert str(e.value).count("cannot be read") == 3
+
+
+# ---------------------------------------------------------------------------------------------- collapse
+def _spreads(guard, logps, logits):
+    class H:  # a SequenceLogps half
+        def __init__(self, lp, lg):
+            self.logps, self.logits_mean = torch.tensor(lp), torch.tensor(lg)
+
+    guard.observe(H(logps[:2], logits[:2]), H(logps[2:], logits[2:]))
+    return guard.spreads().tolist()
+
+
+def test_collapse_guard_counts_steps_in_a_row():
+    g = CollapseGuard(patience=3, action="error")
+    healthy = ([-1.0, -1.2, -1.1, -1.5], [0.1, 0.2, 0.1, 0.3])
+    flat = ([-6.2383] * 4, [0.0] * 4)
+    assert g.check(1, grad_norm=0.0, lr=1e-3, spreads=_spreads(g, *healthy)) is None
+    assert g.check(2, grad_norm=0.0, lr=1e-3, spreads=_spreads(g, *healthy)) is None
+    assert g.check(3, grad_norm=0.5, lr=1e-3, spreads=_spreads(g, *healthy)) is None  # streak broken
+    assert g.check(4, grad_norm=0.0, lr=0.0, spreads=_spreads(g, *healthy)) is None  # lr 0 (warm-up): no alarm
+    assert g.check(5, grad_norm=0.0, lr=1e-3, spreads=_spreads(g, *healthy)) is None
+    assert g.check(6, grad_norm=0.3, lr=1e-3, spreads=_spreads(g, *flat)) is None
+    with pytest.raises(TrainingCollapseError) as e:
+        g.check(7, grad_norm=0.0, lr=1e-3, spreads=_spreads(g, *flat))
+    assert str(e.value) == (
+        "training collapsed: 3 optimizer step(s) in a row (steps 5-7) showed step 5: gradient norm exactly 0 at "
+        "lr=0.001; step 6: every chosen and rejected average log-prob equal, every chosen and rejected mean logit "
+        "equal; step 7: gradient norm exactly 0 at lr=0.001, every chosen and rejected average log-prob equal, "
+        "every chosen and rejected mean logit equal. Nothing is being learned (a saturated loss, a learning rate "
+        "that blew the weights to a constant output, frozen parameters). Stopped before step 7's update; resume "
+        "states written before step 5 are intact. Set on_collapse=warn to train on regardless."
+    )
+    w = CollapseGuard(patience=1, action="warn")
+    assert w.check(1, grad_norm=0.0, lr=1.0, spreads=[0.5, 0.5]).endswith("training goes on (on_collapse=warn)")
+
+
+# ---------------------------------------------------------------------------------------------- config types
+def test_component_argument_types_and_ranges_in_one_error(tmp_path):
+    cfg = _cfg(tmp_path, "optimizer.lr=fast", "optimizer.betas=[0.9,1.5]", "optimizer.amsgrad=maybe",
+               "loss.beta=-2", "model.lora_rank=0", "lr_scheduler.num_warmup_steps=ten")
+    cfg.loss.beta = "two"
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg, LORA.CONFIG_SPEC, bound_args=LORA.BOUND_ARGS)
+    msg = str(e.value)
+    assert msg.startswith("6 problem(s) in the config:")
+    for needle in ["model.lora_rank: must be >= 1, got 0", "loss.beta: expected float, got str 'two'",
+                   "optimizer.lr: expected float, got str 'fast'", "optimizer.betas: must be in [0, 1), got 1.5",
+                   "optimizer.amsgrad: expected bool, got str 'maybe'",
+                   "lr_scheduler.num_warmup_steps: expected int, got str 'ten'"]:
+        assert needle in msg, msg
+    # every shipped config passes
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        mod = LORA if "lora" in path.name else FULL
+        validate_config(OmegaConf.load(path), mod.CONFIG_SPEC, bound_args=mod.BOUND_ARGS)
+
+
+FULL = _recipe_module("simpo_full_distributed")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_empty_file_and_invalid_json_line_named_and_dropped(tmp_path, tiny_tokenizer, caplog):
+    from prefopt.data import BadExample, preference_dataset
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=f"^{empty}: the data file is empty \\(no rows\\)"):
+        preference_dataset(tiny_tokenizer, source="json", data_files=str(empty), split="train")
+    lines = (TINY / "train.jsonl").read_text().splitlines()[:6]
+    lines[3] = lines[3][:40]  # a line cut short (a killed export)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadExample) as e:
+        preference_dataset(tiny_tokenizer, source="json", data_files=str(bad), split="train", on_bad_example="error")
+    assert str(e.value).startswith(f"{bad}: line 4 (row 3): not valid JSON (")
+    with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+        ds = preference_dataset(tiny_tokenizer, source="json", data_files=str(bad), split="train")
+    assert [ds[i]["row"] for i in range(len(ds))] == [0, 1, 2, 4, 5]  # the rows after it keep their numbers
+    assert dict(ds.dropped) == {"invalid JSON": 1}
+    assert "dropped 1 of 6 rows (invalid JSON: 1)" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- in the recipe
+def _cfg(out, *overrides, data=None):
+    import prefopt  # noqa: F401  (registers ${prefopt_assets:...})
+
+    cfg = OmegaConf.load(REPO / "configs/tiny/simpo_lora.yaml")
+    base = [f"output_dir={out}", "eval_dataset=null", "eval_every_n_steps=null", "batch_size=4",
+            "max_steps_per_epoch=3", "save_every_n_steps=1", "save_adapter_weights_only=True"]
+    if data is not None:
+        base.append(f"dataset.data_files={data}")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(base + list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data") / "train48.jsonl"
+    d.write_text("\n".join((TINY / "train.jsonl").read_text().splitlines()[:48]) + "\n")
+    return d
+
+
+def _run(cfg, train=True, before_train=None):
+    r = LORA.SimPORecipeSingleDevice(cfg)
+    try:
+        r.setup(cfg)
+        if before_train is not None:
+            before_train(r)
+        if train:
+            r.train()
+    except BaseException:
+        r._lock.close()  # what the end of a failed run's process does
+        raise
+    if train:
+        r.cleanup()
+    return r
+
+
+def _dead_adapter(r):
+    """A and B of every LoRA layer zero (e.g. an adapter zeroed by a bad merge script): each
+    one's gradient is a product with the other, so the gradient is exactly 0 at every step."""
+    with torch.no_grad():
+        for p in r._adapter_params.values():
+            p.zero_()
+
+
+def test_recipe_collapse_stops_at_the_third_zero_gradient_step(tmp_path, small_data):
+    out = tmp_path / "collapse"
+    cfg = _cfg(out, "lr_scheduler=null", "max_steps_per_epoch=5", data=small_data)
+    with pytest.raises(TrainingCollapseError) as e:
+        _run(cfg, before_train=_dead_adapter)
+    assert str(e.value).startswith(
+        "training collapsed: 3 optimizer step(s) in a row (steps 1-3) showed step 1: gradient norm exactly 0 "
+        "at lr=0.003; step 2: gradient norm exactly 0 at lr=0.003; step 3: "
+    )
+    states = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert states == ["step_1", "step_2"]  # nothing written for the collapsed step 3
+    # on_collapse=warn trains on
+    r = _run(_cfg(tmp_path / "warn", "lr_scheduler=null", "on_collapse=warn", data=small_data),
+             before_train=_dead_adapter)
+    assert r.global_step == 3
+
+
+def test_recipe_resume_lock_fresh_run_and_corrupt_state(tmp_path, small_data):
+    out = tmp_path / "run"
+    _run(_cfg(out, data=small_data))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1", "step_2", "step_3"]
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.model.lora_rank == 8 and (out / "checkpoints" / "step_3" / "config.yaml").exists()
+
+    # a lora_rank that differs from the saved run: named with both values, before any weight loads
+    with pytest.raises(ValueError) as e:
+        _run(_cfg(out, "resume_from_checkpoint=True", "model.lora_rank=16", data=small_data), train=False)
+    assert "model.lora_rank=16 in the config but 8 in the saved run" in str(e.value)
+    assert f"({out}/checkpoints/step_3/config.yaml)" in str(e.value)
+    assert OmegaConf.load(out / "config.yaml").model.lora_rank == 8  # the saved run's config is kept
+
+    # a fresh run into the folder: refused, nothing removed
+    with pytest.raises(ExistingRunError, match="overwrite_output_dir=True to delete its states"):
+        LORA.SimPORecipeSingleDevice(_cfg(out, data=small_data))
+    assert (out / "checkpoints" / "step_3").exists()
+
+    # the newest state is corrupt: resume from step_2, saying so
+    f = out / "checkpoints" / "step_3" / "recipe_state.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    r = _run(_cfg(out, "resume_from_checkpoint=True", data=small_data), train=False)
+    assert r.global_step == 2
+
+    # a second run while the first holds the folder
+    with pytest.raises(OutputDirLockedError, match=f"output_dir='{out}' is in use by another run \\(pid {os.getpid()}"):
+        LORA.SimPORecipeSingleDevice(_cfg(out, "resume_from_checkpoint=True", data=small_data))
+    r.train()  # finishes step 3 again: a new, intact step_3
+    r.cleanup()
+    assert torch.load(f, weights_only=False)["global_step"] == 3
+
+    # overwrite_output_dir: a clean start
+    r = LORA.SimPORecipeSingleDevice(_cfg(out, "overwrite_output_dir=True", data=small_data))
+    assert not (out / "checkpoints").exists() and (out / "config.yaml").exists()
+    r._lock.close()
+
+
+def test_full_recipe_one_process_resumes_past_a_corrupt_shard(tmp_path, small_data):
+    """In-process, a one-process group: the newest state's *.distcp is cut short; the resume
+    takes the older one (every rank decides together, through the collective load)."""
+    import torch.distributed as dist
+
+    cfg = OmegaConf.merge(
+        OmegaConf.load(REPO / "configs/tiny/simpo_full.yaml"),
+        OmegaConf.from_dotlist([f"output_dir={tmp_path}/full", f"dataset.data_files={small_data}", "eval_dataset=null",
+                                "eval_every_n_steps=null", "batch_size=8", "max_steps_per_epoch=2",
+                                "save_every_n_steps=1"]),
+    )
+    try:
+        r = FULL.SimPORecipeDistributed(cfg)
+        r.setup(cfg)
+        r.train()
+        r.cleanup()
+        shard = tmp_path / "full" / "checkpoints" / "step_2" / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:1000])
+        cfg.resume_from_checkpoint = True
+        r = FULL.SimPORecipeDistributed(cfg)
+        r.setup(cfg)
+        assert r.global_step == 1
+        r.cleanup()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
