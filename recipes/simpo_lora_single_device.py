@@ -27,7 +27,6 @@ from torchtune import config, modules, training, utils
 from torchtune.datasets import ConcatDataset
 from torchtune.modules.peft import (
     get_adapter_params,
-    get_adapter_state_dict,
     get_lora_module_names,
     get_merged_lora_ckpt,
     set_trainable_params,
@@ -62,6 +61,7 @@ from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.data import padded_collate_preference
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packed_collate_preference, packing_unsupported_reason
+from prefopt.peft import keep_adapters_in_fp32
 from prefopt.step import preference_forward
 
 log = utils.get_logger("INFO")
@@ -195,7 +195,7 @@ class SimPORecipeSingleDevice:
         # the merged model has the base shapes (n_all - n_adapter); the adapter is written beside it
         export = n_adapter if v["save_adapter_weights_only"] else n_all
         sizes = checkpoint_bytes(
-            trainable_numel=n_adapter, trainable_dtype=self._dtype, optimizer_states=states,
+            trainable_numel=n_adapter, trainable_dtype=torch.float32, optimizer_states=states,  # fp32 adapters
             export_numel=export, export_dtype=self._dtype,
         )
         what = f"{n_adapter:,} adapter parameters, {states} optimizer states each; {n_all - n_adapter:,} base parameters"
@@ -265,6 +265,10 @@ class SimPORecipeSingleDevice:
         self._lora_attn_modules = list(cfg_model.lora_attn_modules)
         self._apply_lora_to_mlp = cfg_model.get("apply_lora_to_mlp", False)
         self._apply_lora_to_output = cfg_model.get("apply_lora_to_output", False)
+        # Adapters (so their gradients and optimizer state) in float32 under a bf16 base: at SimPO's
+        # learning rates most bf16 adapter updates would round to nothing (prefopt.peft).
+        if self._dtype != torch.float32:
+            keep_adapters_in_fp32(model)
         self._adapter_params = get_adapter_params(model)
         set_trainable_params(model, self._adapter_params)
         if v["enable_activation_checkpointing"]:
@@ -442,7 +446,9 @@ class SimPORecipeSingleDevice:
         must lose at most ``save_every_n_steps`` steps, and the resumed losses must equal the
         uninterrupted run's.
         """
-        adapter = {k: t.detach().cpu().clone() for k, t in get_adapter_state_dict(self._model.state_dict()).items()}
+        # From the adapter parameters themselves: the model's state_dict() would dequantize every
+        # NF4 base weight of a QLoRA model (~15 GB copied for 8B) only to pick out the adapter.
+        adapter = {k: p.detach().cpu().clone() for k, p in self._adapter_params.items()}
         state = {
             "optimizer": self._optimizer.state_dict(),
             "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,

@@ -193,3 +193,23 @@ def test_gemma2_is_reported_unsupported_and_llama_supported():
                intermediate_dim=64, max_seq_len=32)
     assert "Gemma2Attention" in packing_unsupported_reason(g)
     assert packing_unsupported_reason(_model("llama3")) is None
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "lora_output"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_step_needs_no_host_sync(kind, packed):
+    """Forward and backward of the step run with the model and the batch on the meta device,
+    where any data-dependent op (.item(), .nonzero(), boolean-mask indexing: each a host sync
+    on CUDA) raises: the scoring plan and the empty-row check come from the CPU collate."""
+    from prefopt.loss import CPOLoss, ORPOLoss
+
+    with torch.device("meta"):
+        model = _model(kind)
+        for m in model.modules():
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+    collate = packed_collate_preference if packed else padded_collate_preference
+    for loss_fn in (SimPOLoss(sft_weight=0.5), CPOLoss(), ORPOLoss()):
+        out = preference_forward(model, collate(_items()), loss_fn, device=torch.device("meta"))
+        out.losses.sum().backward()
+        assert out.losses.is_meta and out.losses.shape == (6,)
