@@ -283,13 +283,24 @@ def test_paper_hyperparameters(path):
     from torchtune import config as tt_config
     from prefopt.loss import SimPOLoss
 
-    assert cfg.loss._component_ == "prefopt.loss.SimPOLoss"
+    name = Path(path).name
     loss = tt_config.instantiate(cfg.loss)
-    assert isinstance(loss, SimPOLoss)
-    where = f"{fam.setting}: beta={fam.beta}, gamma_beta_ratio={fam.gamma_beta_ratio}"
-    assert loss.beta == pytest.approx(fam.beta), where
-    assert loss.gamma_beta_ratio == pytest.approx(fam.gamma_beta_ratio), where
-    assert loss.loss_type == "sigmoid" and loss.sft_weight == 0 and loss.label_smoothing == 0
+    if "_orpo_" in name:
+        from prefopt.loss import ORPOLoss
+
+        # TRL's ORPOConfig default beta (lambda); the NLL term token-normalised as TRL's
+        assert isinstance(loss, ORPOLoss) and loss.beta == pytest.approx(0.1) and loss.chosen_nll == "token"
+    else:
+        assert cfg.loss._component_ == "prefopt.loss.SimPOLoss"
+        assert isinstance(loss, SimPOLoss)
+        where = f"{fam.setting}: beta={fam.beta}, gamma_beta_ratio={fam.gamma_beta_ratio}"
+        assert loss.beta == pytest.approx(fam.beta), where
+        assert loss.gamma_beta_ratio == pytest.approx(fam.gamma_beta_ratio), where
+        assert loss.loss_type == "sigmoid" and loss.label_smoothing == 0
+        if "_cpo_simpo_" in name:  # TRL's CPO-SimPO: cpo_alpha 1.0, the token-mean NLL term
+            assert loss.sft_weight == 1.0 and loss.chosen_nll == "token"
+        else:
+            assert loss.sft_weight == 0
 
     lr = cfg.optimizer.lr
     assert isinstance(lr, float), f"optimizer.lr: {lr!r} is not a float"

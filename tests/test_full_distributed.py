@@ -63,6 +63,17 @@ def run2(tmp_path_factory):
     return out, proc
 
 
+def test_packed_and_padded_layouts_log_the_same_losses_on_two_processes(run2, tmp_path):
+    padded = tmp_path / "padded"
+    run(padded, "batch_size=4", *MAIN, *QUIET, "packed=False")
+    a, b = read_log(run2[0]), read_log(padded)
+    steps = sorted(losses(a))
+    assert steps == list(range(1, STEPS + 1)) and sorted(losses(b)) == steps
+    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logits/rejected"):
+        diff = max(abs(losses(a, key)[s] - losses(b, key)[s]) for s in steps)
+        assert diff <= 1e-5, (key, diff)
+
+
 @pytest.fixture(scope="module")
 def run1(tmp_path_factory):
     out = tmp_path_factory.mktemp("run1")

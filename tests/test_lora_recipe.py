@@ -74,10 +74,32 @@ def test_merged_checkpoint_loads_in_transformers_with_our_logits(default_run):
     assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
-def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
-    full = tmp_path / "full"
-    common = ["max_steps_per_epoch=12", "save_every_n_steps=5", "eval_every_n_steps=null", "eval_dataset=null"]
-    tune_run(RECIPE, CONFIG, f"output_dir={full}", *common)
+COMMON12 = ["max_steps_per_epoch=12", "save_every_n_steps=5", "eval_every_n_steps=null", "eval_dataset=null"]
+
+
+@pytest.fixture(scope="module")
+def run12(tmp_path_factory):
+    """12 steps, packed (the default layout), resume states at 5 and 10."""
+    out = tmp_path_factory.mktemp("run12")
+    tune_run(RECIPE, CONFIG, f"output_dir={out}", *COMMON12)
+    return out
+
+
+def test_packed_and_padded_layouts_log_the_same_losses(run12, tmp_path):
+    padded = tmp_path / "padded"
+    proc = tune_run(RECIPE, CONFIG, f"output_dir={padded}", *COMMON12, "packed=False")
+    a, b = read_log(run12), read_log(padded)
+    steps = [s for s in a if "loss" in a[s]]
+    assert steps == list(range(1, 13)) and [s for s in b if "loss" in b[s]] == steps
+    for key in ("loss", "rewards/margins", "logps/chosen", "logits/rejected"):
+        diff = max(abs(a[s][key] - b[s][key]) for s in steps)
+        assert diff <= 1e-5, (key, diff)
+    assert "packed=True: falling back" not in proc.stdout + proc.stderr
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(run12, tmp_path):
+    full = run12
+    common = COMMON12
     # the "killed" run: everything after the step-5 checkpoint is gone
     cut = tmp_path / "cut"
     shutil.copytree(full / "checkpoints" / "step_5", cut / "checkpoints" / "step_5")
