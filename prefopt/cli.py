@@ -110,6 +110,17 @@ def _cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torchrun_flag_takes_value(flag: str) -> bool:
+    """Whether torchrun's parser gives ``flag`` a value (``--standalone`` is a switch: the word
+    after it is the recipe, not its value). Unknown flags are assumed to take one."""
+    from torch.distributed.run import get_args_parser
+
+    for action in get_args_parser()._actions:
+        if flag in action.option_strings:
+            return action.nargs != 0
+    return True
+
+
 def _split_run_args(argv: List[str]) -> Tuple[List[str], str, List[str]]:
     """``[torchrun flags...] recipe [recipe args...]`` -> (flags, recipe, recipe args).
     torchrun flags are ``--name value`` or ``--name=value``; the recipe is the first bare word."""
@@ -117,7 +128,8 @@ def _split_run_args(argv: List[str]) -> Tuple[List[str], str, List[str]]:
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         flags.append(argv[i])
-        if "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+        takes_value = "=" not in argv[i] and _torchrun_flag_takes_value(argv[i])
+        if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
             flags.append(argv[i + 1])
             i += 1
         i += 1

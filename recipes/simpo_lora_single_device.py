@@ -67,7 +67,8 @@ from prefopt.step import preference_forward
 log = utils.get_logger("INFO")
 
 # Every key this recipe reads, read once in __init__/setup. Anything else in the config is an
-# error at start-up (torchtune's DPO recipe silently ignores e.g. clip_grad_norm).
+# error at start-up (torchtune 0.6.1's lora_dpo_single_device silently ignores e.g. clip_grad_norm, and any
+# typo of a key).
 CONFIG_SPEC = {
     "output_dir": Key(str, doc="where logs and checkpoints go"),
     "model": Key(component=True, doc="a torchtune lora_* model builder"),

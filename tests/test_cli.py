@@ -89,3 +89,17 @@ def test_plot_writes_png_with_panels(tmp_path):
     assert (w, h) == (1210, 770)
     empty = run("plot", str(tmp_path / "nowhere"), "-o", str(png), check=False)
     assert empty.returncode == 1 and "no such file" in empty.stderr
+
+
+def test_run_args_switch_flags_take_no_value():
+    """`prefopt run --standalone simpo_full_distributed ...`: --standalone is a torchrun switch,
+    the next word is the recipe (it used to be taken as the switch's value)."""
+    from prefopt.cli import _split_run_args
+
+    flags, recipe, rest = _split_run_args(
+        ["--standalone", "simpo_full_distributed", "--config", "tiny/simpo_full", "batch_size=2"])
+    assert (flags, recipe, rest) == (["--standalone"], "simpo_full_distributed", ["--config", "tiny/simpo_full", "batch_size=2"])
+    flags, recipe, _ = _split_run_args(["--nproc_per_node", "2", "--standalone", "x.py", "--config", "c"])
+    assert flags == ["--nproc_per_node", "2", "--standalone"] and recipe == "x.py"
+    flags, recipe, _ = _split_run_args(["--nnodes=2", "r", "--config", "c"])
+    assert flags == ["--nnodes=2"] and recipe == "r"
