@@ -13,6 +13,7 @@ Resume states live in ``<output_dir>/checkpoints/step_<N>/``; a recipe writes on
 leaves no complete-looking state. :func:`complete_states` / :func:`latest_complete` read that layout.
 """
 
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, List, Optional, Union
@@ -20,6 +21,12 @@ from typing import Callable, List, Optional, Union
 import torch
 
 __all__ = [
+    "STATE_DIR",
+    "COMPLETE",
+    "state_root",
+    "new_state_dir",
+    "mark_complete",
+    "publish_state",
     "check_output_dir",
     "complete_states",
     "latest_complete",
@@ -33,6 +40,43 @@ __all__ = [
 
 # .metadata of torch.distributed.checkpoint, recipe_state.pt, RNG states, config and logs.
 OVERHEAD_BYTES = 1 << 20
+
+STATE_DIR = "checkpoints"  # <output_dir>/checkpoints/step_<N>/
+COMPLETE = "COMPLETE"  # the marker written last into a resume state
+
+
+def state_root(output_dir: Union[str, Path]) -> Path:
+    """``<output_dir>/checkpoints``: where the resume states live."""
+    return Path(output_dir) / STATE_DIR
+
+
+def new_state_dir(output_dir: Union[str, Path], step: int, *, create: bool = True) -> "tuple[Path, Path]":
+    """(final ``step_<N>``, temporary ``step_<N>.tmp``) folders of the resume state of ``step``;
+    with ``create`` the temporary one is made empty (what a previous, killed save left there is
+    removed). The writer fills the temporary folder, then :func:`mark_complete` and
+    :func:`publish_state`.
+
+    Raises:
+        OSError: if the folder cannot be made.
+    """
+    final = state_root(output_dir) / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if create:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return final, tmp
+
+
+def mark_complete(tmp: Path, note: str) -> None:
+    """Write the ``COMPLETE`` marker, last, once every file of the state is on disk."""
+    (tmp / COMPLETE).write_text(note + "\n")
+
+
+def publish_state(tmp: Path, final: Path) -> None:
+    """Rename the finished ``step_<N>.tmp`` to ``step_<N>`` (atomic on POSIX: a kill leaves either
+    the old folder or the whole new one)."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def check_output_dir(path: Path) -> None:
@@ -56,7 +100,7 @@ def complete_states(root: Path) -> List[Path]:
     (numeric order): not a ``step_<N>.tmp`` (killed before the rename), nor a folder without one."""
     if not root.is_dir():
         return []
-    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "COMPLETE").exists()]
+    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).exists()]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 

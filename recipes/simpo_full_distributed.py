@@ -39,6 +39,11 @@ from torchtune.modules import TiedLinear
 from tqdm import tqdm
 
 from prefopt.checkpointing import (
+    STATE_DIR,
+    mark_complete,
+    new_state_dir,
+    publish_state,
+    state_root,
     check_checkpoint_space,
     check_output_dir,
     complete_states,
@@ -129,8 +134,8 @@ BOUND_ARGS = {
     "checkpointer": ("should_load_recipe_state", "resume_from_checkpoint"),
 }
 PROFILER = "torchtune.training.setup_torch_profiler"
-# <output_dir>/checkpoints/step_<N>/{.metadata, __<rank>_0.distcp, rng_rank<r>.pt, recipe_state.pt, COMPLETE}
-STATE_DIR = "checkpoints"
+# A resume state: <output_dir>/checkpoints/step_<N>/{.metadata, __<rank>_0.distcp, rng_rank<r>.pt,
+# recipe_state.pt, config.yaml, COMPLETE}
 # What a resume must match besides the library's RESUME_KEYS: the world size may change (DCP
 # reshards), so batch_size is compared as batch_size x world_size (the pairs of a micro-batch over
 # all ranks) from recipe_state.pt, and optimizer_in_bwd decides the optimizer state's layout.
@@ -678,15 +683,13 @@ class SimPORecipeDistributed:
         ``output_dir`` must be on storage that every node sees.
         """
         t0 = time.perf_counter()
-        final_dir = self._output_dir / STATE_DIR / f"step_{self.global_step}"
-        tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
+        final_dir, tmp_dir = new_state_dir(self._output_dir, self.global_step, create=False)
         # A write error on any rank (a full disk, ...) stops every rank with one message naming
         # the folder; the partial step_<N>.tmp is removed and the previous states stay intact.
         failed = None
         if self._is_rank_zero:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
             try:
-                tmp_dir.mkdir(parents=True)
+                new_state_dir(self._output_dir, self.global_step)
             except OSError as e:
                 failed = f"rank 0: {describe_write_error(e)}"
         self._check_written(failed, tmp_dir)  # also the barrier: the folder exists
@@ -709,13 +712,12 @@ class SimPORecipeDistributed:
         self._check_written(failed, tmp_dir)  # every rank's shards and RNG are on disk
         if self._is_rank_zero:
             try:
-                (tmp_dir / "COMPLETE").write_text(f"step {self.global_step}, {self.world_size} processes\n")
+                mark_complete(tmp_dir, f"step {self.global_step}, {self.world_size} processes")
             except OSError as e:
                 failed = f"rank 0: {describe_write_error(e)}"
         self._check_written(failed, tmp_dir)
         if self._is_rank_zero:
-            shutil.rmtree(final_dir, ignore_errors=True)
-            os.replace(tmp_dir, final_dir)  # atomic on POSIX: a kill leaves either nothing or a whole dir
+            publish_state(tmp_dir, final_dir)
             self._prune_resume_states()
             log.info(f"Resume state saved to {final_dir} in {time.perf_counter() - t0:.1f}s")
         dist.barrier()
@@ -743,7 +745,7 @@ class SimPORecipeDistributed:
             return
         if self._is_rank_zero:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise checkpoint_write_error(tmp_dir, latest_complete(self._output_dir / STATE_DIR), errors)
+        raise checkpoint_write_error(tmp_dir, latest_complete(state_root(self._output_dir)), errors)
 
     def _save_recipe_state(self, tmp_dir: Path) -> None:
         """Rank 0: what the resume needs besides the DCP shards and the RNG states."""
@@ -765,16 +767,16 @@ class SimPORecipeDistributed:
     def _prune_resume_states(self) -> None:
         if self._keep_last is None:
             return
-        for old in complete_states(self._output_dir / STATE_DIR)[: -self._keep_last]:
+        for old in complete_states(state_root(self._output_dir))[: -self._keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _load_resume_state(self) -> None:
-        box = [complete_states(self._output_dir / STATE_DIR) if self._is_rank_zero else None]
+        box = [complete_states(state_root(self._output_dir)) if self._is_rank_zero else None]
         dist.broadcast_object_list(box, src=0)  # every rank tries the folders rank 0 listed, in order
         states = box[0]
         if not states:
             raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {self._output_dir / STATE_DIR} holds no complete checkpoint "
+                f"resume_from_checkpoint=True but {state_root(self._output_dir)} holds no complete checkpoint "
                 "(a step_<N>/ folder with a COMPLETE marker)"
             )
         model_sd, optim_sd = get_state_dict(self._model, self._optimizers)

@@ -35,6 +35,11 @@ from torchtune.modules.peft import (
 from tqdm import tqdm
 
 from prefopt.checkpointing import (
+    STATE_DIR,
+    mark_complete,
+    new_state_dir,
+    publish_state,
+    state_root,
     check_checkpoint_space,
     check_output_dir,
     complete_states,
@@ -115,7 +120,7 @@ BOUND_ARGS = {
     "eval_dataset": ("tokenizer",),
     "checkpointer": ("should_load_recipe_state", "resume_from_checkpoint"),
 }
-STATE_DIR = "checkpoints"  # <output_dir>/checkpoints/step_<N>/{adapter.pt, recipe_state.pt, COMPLETE}
+# A resume state: <output_dir>/checkpoints/step_<N>/{adapter.pt, recipe_state.pt, config.yaml, COMPLETE}
 
 
 def _cross_checks(v: Dict[str, Any]) -> list:
@@ -464,22 +469,20 @@ class SimPORecipeSingleDevice:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        final_dir = self._output_dir / STATE_DIR / f"step_{self.global_step}"
-        tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        # written into step_<N>.tmp, COMPLETE last, then renamed: a kill leaves no half state
+        final_dir, tmp_dir = new_state_dir(self._output_dir, self.global_step, create=False)
         try:
-            tmp_dir.mkdir(parents=True)
+            new_state_dir(self._output_dir, self.global_step)
             torch.save(adapter, tmp_dir / "adapter.pt")
             torch.save(state, tmp_dir / "recipe_state.pt")
             save_run_config(self._run_cfg, tmp_dir / CONFIG_FILE)  # what a resume must match
-            (tmp_dir / "COMPLETE").write_text(f"step {self.global_step}\n")
+            mark_complete(tmp_dir, f"step {self.global_step}")
         except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
             shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; the previous states stay
             raise checkpoint_write_error(
-                tmp_dir, latest_complete(self._output_dir / STATE_DIR), [describe_write_error(e)]
+                tmp_dir, latest_complete(state_root(self._output_dir)), [describe_write_error(e)]
             ) from e
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp_dir, final_dir)  # atomic on POSIX: a kill leaves either nothing or a whole dir
+        publish_state(tmp_dir, final_dir)
         log.info(f"Resume state saved to {final_dir}")
 
         if not end_of_epoch:
@@ -512,10 +515,10 @@ class SimPORecipeSingleDevice:
                     os.replace(f, epoch_dir / "adapter" / f.name)
 
     def _load_resume_state(self) -> None:
-        states = complete_states(self._output_dir / STATE_DIR)
+        states = complete_states(state_root(self._output_dir))
         if not states:
             raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {self._output_dir / STATE_DIR} holds no complete checkpoint "
+                f"resume_from_checkpoint=True but {state_root(self._output_dir)} holds no complete checkpoint "
                 "(a step_<N>/ folder with a COMPLETE marker)"
             )
 
