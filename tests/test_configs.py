@@ -321,7 +321,9 @@ def test_paper_hyperparameters(path):
         for block in blocks(cfg.get(key)):
             assert block._component_ == "prefopt.data.preference_dataset", key
             assert block.source in fam.sources, f"{key}.source {block.source}: {fam.setting} goes with {fam.sources}"
-            assert (block.get("max_seq_len"), block.get("max_prompt_len")) == (2048, 1800), key
+            # princeton's lengths; ORPO: TRL's ORPOConfig max_length 1024 (prompt: half)
+            lengths = (1024, 512) if "_orpo_" in Path(path).name else (2048, 1800)
+            assert (block.get("max_seq_len"), block.get("max_prompt_len")) == lengths, key
 
     # cosine with 10% warmup, counted for one epoch of the training set
     assert cfg.lr_scheduler._component_ == "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
