@@ -12,14 +12,39 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# Test tiers: every test is in exactly one. ``unit`` (math, unit, in-process) is every test not
+# marked with another; ``slow``: end-to-end `tune run` subprocesses; ``peer``: parity with TRL /
+# transformers / princeton; ``gpu``: CUDA-only paths, skipped on a machine without CUDA.
+TIERS = ("gpu", "peer", "slow")
+_TIER_OF = {}
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+    skip = pytest.mark.skip(reason="needs a CUDA device (the gpu tier; benchmarks/gpu_check.sh runs it)")
+    for item in items:
+        tier = next((t for t in TIERS if t in item.keywords), "unit")
+        if tier == "unit":
+            item.add_marker(pytest.mark.unit)
+        _TIER_OF[item.nodeid] = tier
+        if tier == "gpu" and not torch.cuda.is_available():
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per tier: what CI ran of each (.ci/run runs every CPU tier)."""
+    from collections import Counter
+
+    counts = {t: Counter() for t in ("unit", *TIERS[::-1])}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            tier = _TIER_OF.get(getattr(rep, "nodeid", None))
+            if tier is not None and (outcome != "passed" or getattr(rep, "when", "call") == "call"):
+                counts[tier][outcome] += 1
+    terminalreporter.section("tests per tier")
+    for tier, c in counts.items():
+        terminalreporter.write_line(f"{tier:>5}: " + ", ".join(f"{c[o]} {o}" for o in ("passed", "failed", "skipped", "error") if c[o]) if c else f"{tier:>5}: none run")
 
 
 @pytest.fixture(scope="session")
@@ -47,18 +72,32 @@ def complete_steps(output_dir) -> list:
     return [int(p.name.split("_")[1]) for p in complete_states(Path(output_dir) / "checkpoints")]
 
 
-def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 0, timeout: int = 600, check: bool = True):
-    """`tune run` from the repo root, as the README shows it; returns the CompletedProcess."""
-    import subprocess
-
+def tune_command(recipe: str, config: str, *overrides: str, nproc: int = 0) -> list:
+    """The `tune run` command line: with ``nproc``, torchrun's --standalone (a free rendezvous
+    port, so parallel test sessions do not collide on 29500) and --nproc_per_node."""
     cmd = [tune_bin(), "run"]
     if nproc:
-        cmd += ["--nproc_per_node", str(nproc)]
-    cmd += [recipe, "--config", config, *overrides]
+        cmd += ["--standalone", "--nproc_per_node", str(nproc)]
+    return cmd + [recipe, "--config", config, *overrides]
+
+
+def tune_env(nproc: int = 0, **extra: str) -> dict:
     # PASSIVE: OpenMP threads sleep instead of spinning when they wait; with any other process on
-    # the 2 cores, spinning threads made steps ~10x slower.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    # the 2 cores, spinning threads made steps ~10x slower. Several processes: one thread each.
+    threads = "1" if nproc else os.environ.get("OMP_NUM_THREADS", "2")
+    return {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE",
+            "TORCHINDUCTOR_COMPILE_THREADS": "1", **extra}
+
+
+def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 0, timeout: int = 600, check: bool = True,
+             prefix: tuple = ()):
+    """`tune run` from the repo root, as the README shows it (the tests' one subprocess runner);
+    ``prefix`` goes in front of the command (e.g. a private mount namespace). Returns the
+    CompletedProcess; with ``check`` a failure raises with the output's tails."""
+    import subprocess
+
+    cmd = [*prefix, *tune_command(recipe, config, *overrides, nproc=nproc)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=tune_env(nproc))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

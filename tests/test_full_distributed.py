@@ -22,8 +22,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import REPO, TINY, complete_steps, read_log, tune_bin
+from conftest import REPO, TINY, complete_steps, read_log, tune_bin, tune_command, tune_env, tune_run
 
+pytestmark = pytest.mark.slow  # tune run subprocesses (torchrun, 2 processes)
 RECIPE = "recipes/simpo_full_distributed.py"
 CONFIG = "configs/tiny/simpo_full.yaml"
 STEPS = 10
@@ -39,17 +40,7 @@ QUIET = ["eval_dataset=null", "eval_every_n_steps=null"]
 
 
 def run(out: Path, *overrides: str, nproc: int = 2, check: bool = True, timeout: int = 600):
-    cmd = [tune_bin(), "run"]
-    if nproc:
-        cmd += ["--standalone", "--nproc_per_node", str(nproc)]
-    cmd += [RECIPE, "--config", CONFIG, f"output_dir={out}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-    return proc
+    return tune_run(RECIPE, CONFIG, f"output_dir={out}", *overrides, nproc=nproc, check=check, timeout=timeout)
 
 
 def losses(log: dict, key: str = "loss") -> dict:
@@ -268,9 +259,8 @@ def test_sigkill_of_one_rank_tears_down_the_job_and_resume_matches_uninterrupted
     rng = random.Random()
     out = tmp_path / "killed"
     log = tmp_path / "killed.stderr"
-    cmd = [tune_bin(), "run", "--standalone", "--nproc_per_node", "2", RECIPE, "--config", CONFIG,
-           f"output_dir={out}", "batch_size=4", *MAIN]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = tune_command(RECIPE, CONFIG, f"output_dir={out}", "batch_size=4", *MAIN, nproc=2)
+    env = tune_env(nproc=2)  # Popen, not tune_run: the test kills a worker while the job runs
     for attempt in range(3):  # the kill must land mid-run; retry with a shorter delay if the run won
         with open(log, "w") as err:
             launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=env)

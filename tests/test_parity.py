@@ -58,7 +58,7 @@ from prefopt.loss import SimPOLoss
 from prefopt.metrics import PreferenceMetrics
 
 # TRL's CPOConfig still passes transformers' deprecated `gradient_checkpointing` name
-pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*deprecated:FutureWarning")
+pytestmark = [pytest.mark.peer, pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*deprecated:FutureWarning")]
 
 IGNORE = CROSS_ENTROPY_IGNORE_IDX
 PAD, BOS, EOS = 0, 1, 2

@@ -72,11 +72,23 @@ def test_nonfinite_loss_stops_with_step_and_rows_and_keeps_last_checkpoint(tmp_p
 
 
 def test_nonfinite_skip_mode_skips_and_logs(tmp_path):
+    """Step 1 (lr 1e30) blows the adapter up; steps 2 and 3 are non-finite and skipped: neither the
+    weights, nor the optimizer state, nor the LR schedule move on a skipped step."""
     out = tmp_path / "skip"
     proc = tune_run(RECIPE, CONFIG, f"output_dir={out}", "optimizer.lr=1e30", "clip_grad_norm=null",
-                    "lr_scheduler=null", "max_steps_per_epoch=3", "save_every_n_steps=null", "on_nonfinite=skip",
-                    "save_adapter_weights_only=True", *FAST)
+                    "lr_scheduler.num_warmup_steps=0", "max_steps_per_epoch=3", "save_every_n_steps=1",
+                    "on_nonfinite=skip", "on_collapse=warn", "save_adapter_weights_only=True", *FAST)
     assert proc.stderr.count("step skipped (on_nonfinite=skip)") == 2
+    states = {s: out / "checkpoints" / f"step_{s}" for s in (1, 2, 3)}
+    adapters = {s: torch.load(p / "adapter.pt", weights_only=True) for s, p in states.items()}
+    recipe = {s: torch.load(p / "recipe_state.pt", weights_only=False) for s, p in states.items()}
+    for s in (2, 3):
+        for k, v in adapters[1].items():
+            assert torch.equal(adapters[s][k], v), (s, k)
+        assert recipe[s]["lr_scheduler"]["last_epoch"] == recipe[1]["lr_scheduler"]["last_epoch"] == 1
+        steps = [st["step"] for st in recipe[s]["optimizer"]["state"].values()]
+        assert steps and all(float(x) == 1.0 for x in steps)  # Adam took exactly one step
+    assert recipe[3]["global_step"] == 3  # the skipped steps count as steps of the epoch
 
 
 def test_unwritable_output_dir_reported_before_building(tmp_path):
@@ -136,11 +148,10 @@ def small_fs(tmp_path_factory):
         keep.mkdir()
         script = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; m="$2"; k="$3"; shift 3; "$@"; rc=$?; ' \
                  'cp -a "$m/." "$k/"; exit $rc'
-        launch = ["--standalone", "--nproc_per_node", str(nproc)] if nproc else []
-        cmd = [unshare, "--user", "--map-root-user", "--mount", "bash", "-c", script, "bash", str(size), str(mnt),
-               str(keep), tune_bin(), "run", *launch, *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc else "2", "OMP_WAIT_POLICY": "PASSIVE"}
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        prefix = (unshare, "--user", "--map-root-user", "--mount", "bash", "-c", script, "bash", str(size), str(mnt),
+                  str(keep))
+        assert args[1] == "--config", args
+        proc = tune_run(args[0], args[2], *args[3:], nproc=nproc, check=False, prefix=prefix)
         assert proc.returncode != 97, proc.stderr
         return proc
 
