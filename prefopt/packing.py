@@ -31,7 +31,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from prefopt.logprobs import ScorePlan, _empty_rows_error
 
-__all__ = ["packed_collate_preference", "packed_attention_mask", "packing_unsupported_reason", "SHARED", "CHOSEN", "REJECTED", "PAD"]
+__all__ = ["packed_collate_preference", "bucket_length", "packed_attention_mask", "packing_unsupported_reason", "SHARED", "CHOSEN", "REJECTED", "PAD"]
 
 SHARED, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
@@ -58,17 +58,37 @@ def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[in
     return rows
 
 
+def bucket_length(n: int) -> int:
+    """The smallest length >= ``n`` of the form ``m * 2**k`` with ``m`` in 4..7 and a multiple of
+    128: about four lengths per doubling (at most ~25% padding), so that a run sees a handful of
+    distinct shapes."""
+    size = 512
+    while True:
+        for m in (4, 5, 6, 7):
+            cand = m * size // 4
+            if cand >= n:
+                return cand
+        size *= 2
+
+
 def packed_collate_preference(
     batch: Sequence[Mapping[str, Any]],
     padding_idx: int = 0,
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
     pad_to_multiple_of: int = 1,
     row_len: Optional[int] = None,
+    static_shapes: bool = False,
 ) -> Dict[str, Any]:
     """Lay a micro-batch of pairs out packed and prefix-shared (see the module docstring).
 
     Rows are filled first-fit-decreasing up to ``row_len`` tokens (default: the longest pair of
     the batch), so that no row is mostly masked: dense masked attention costs O(row length²).
+
+    ``static_shapes`` (the recipes set it on CUDA) puts every pair into ONE row whose length is
+    rounded up by :func:`bucket_length`: a FlexAttention ``BlockMask`` skips the masked blocks, so
+    a long row costs nothing extra, and torchtune compiles ``flex_attention`` with
+    ``dynamic=False``: every new ``[rows, length]`` would recompile it, and after Dynamo's
+    recompile limit it falls back to an unfused attention that materialises the scores.
 
     Args:
         batch: items of :class:`prefopt.data.PreferenceDataset` (``chosen_input_ids``,
@@ -99,9 +119,13 @@ def packed_collate_preference(
         k = _common_prefix(c, r)
         seqs.append((c, r, cl, rl, k, len(c) + len(r) - k))
     lengths = [s[5] for s in seqs]
-    capacity = max(max(lengths), row_len or 0)
-    layout = _first_fit_decreasing(lengths, capacity)
-    seq_len = max(sum(lengths[i] for i in row) for row in layout)
+    if static_shapes:
+        layout = [sorted(range(b), key=lambda i: -lengths[i])]
+        seq_len = bucket_length(sum(lengths))
+    else:
+        capacity = max(max(lengths), row_len or 0)
+        layout = _first_fit_decreasing(lengths, capacity)
+        seq_len = max(sum(lengths[i] for i in row) for row in layout)
     seq_len += -seq_len % pad_to_multiple_of
     n_rows = len(layout)
 

@@ -416,10 +416,19 @@ class SimPORecipeDistributed:
 
     def _setup_data(self, cfg_dataset: Any, batch_size: int, shuffle: bool):
         self._collate = partial(
-            packed_collate_preference if self._packed else padded_collate_preference,
+            padded_collate_preference,
             padding_idx=self._tokenizer.pad_id,
             pad_to_multiple_of=self._cfg["pad_to_multiple_of"],
         )
+        if self._packed:
+            # CUDA: one row per micro-batch, bucketed lengths: few shapes for the compiled
+            # FlexAttention (a new shape recompiles it)
+            self._collate = partial(
+                packed_collate_preference,
+                padding_idx=self._tokenizer.pad_id,
+                pad_to_multiple_of=self._cfg["pad_to_multiple_of"],
+                static_shapes=self._device.type == "cuda",
+            )
         ds = self._build_dataset(cfg_dataset)
         # DistributedSampler permutes all indices with one generator seeded (seed + epoch), the
         # same on every rank, truncates to a multiple of world_size (drop_last=True) and gives

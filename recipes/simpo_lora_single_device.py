@@ -305,13 +305,19 @@ class SimPORecipeSingleDevice:
         else:
             ds = config.instantiate(cfg_dataset, tokenizer=self._tokenizer)
         sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
-        collate = packed_collate_preference if self._packed else padded_collate_preference
+        collate = partial(padded_collate_preference, padding_idx=self._tokenizer.pad_id)
+        if self._packed:
+            # CUDA: one row per micro-batch, bucketed lengths: few shapes for the compiled
+            # FlexAttention (a new shape recompiles it)
+            collate = partial(
+                packed_collate_preference, padding_idx=self._tokenizer.pad_id, static_shapes=self._device.type == "cuda"
+            )
         loader = DataLoader(
             ds,
             sampler=sampler,
             batch_size=batch_size,
             drop_last=shuffle,  # eval keeps every pair; training keeps shapes regular
-            collate_fn=partial(collate, padding_idx=self._tokenizer.pad_id),
+            collate_fn=collate,
             pin_memory=self._device.type == "cuda",  # the step copies the batch with non_blocking
         )
         return sampler, loader

@@ -213,3 +213,23 @@ def test_step_needs_no_host_sync(kind, packed):
         out = preference_forward(model, collate(_items()), loss_fn, device=torch.device("meta"))
         out.losses.sum().backward()
         assert out.losses.is_meta and out.losses.shape == (6,)
+
+
+def test_static_shapes_one_row_bucketed_and_still_exact():
+    """CUDA's layout (static_shapes): one row, its length from a short ladder, same numbers."""
+    from prefopt.packing import bucket_length
+
+    assert [bucket_length(n) for n in (1, 512, 513, 700, 1025, 1800, 3000)] == [512, 512, 640, 768, 1280, 2048, 3072]
+    ladder = {bucket_length(n) for n in range(1, 16385)}
+    assert len(ladder) == 21 and all(x % 128 == 0 for x in ladder)  # ~4 shapes per doubling
+    assert all(bucket_length(n) <= 1.25 * n for n in range(512, 16385))  # <= 25% padding
+    model = _model("llama3")
+    items = _items()
+    loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
+    packed = packed_collate_preference(items, static_shapes=True)
+    assert packed["tokens"].shape == (1, 512)
+    ref, ref_grads = _run(model, padded_collate_preference(items, padding_idx=0), loss_fn)
+    out, grads = _run(model, packed, loss_fn)
+    assert_close(out.losses, ref.losses, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4)
