@@ -165,8 +165,15 @@ def sequence_logps(
 # Output projection fused with the log-prob, at the scored positions only.
 
 
+# A chunk of the scored positions is at least this many rows (fewer when there are fewer): each
+# chunk's matmuls read the whole [V, d] output weight, three times per step, so tiny chunks (a
+# short-response batch in 16 chunks: ~9 rows each) cost weight bandwidth for little work. The
+# extra memory is one [128, V] float32 block (64 MB at V = 128k).
+MIN_CHUNK_ROWS = 128
+
+
 def _chunk_bounds(n: int, num_chunks: int) -> List[Tuple[int, int]]:
-    size = max(1, -(-n // max(1, num_chunks)))
+    size = max(1, -(-n // max(1, num_chunks)), min(MIN_CHUNK_ROWS, n))
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 

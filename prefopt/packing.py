@@ -71,6 +71,23 @@ def bucket_length(n: int) -> int:
         size *= 2
 
 
+def _cheapest_layout(lengths: Sequence[int], limit: float, embed_dim: int):
+    """(rows of pair indices, row length) minimising rows x L x (1 + L / (6 d)) over capacities
+    from the longest pair to the whole batch (first-fit-decreasing at each)."""
+    longest, total = max(lengths), sum(lengths)
+    caps = sorted({min(int(longest * (1 + k / 4)), total) for k in range(0, 4 * len(lengths) + 1)} | {total})
+    best = None
+    for cap in caps:
+        if cap > limit:
+            break
+        rows = _first_fit_decreasing(lengths, cap)
+        length = max(sum(lengths[i] for i in r) for r in rows)
+        cost = len(rows) * length * (1 + length / (6 * embed_dim))
+        if best is None or cost < best[0]:
+            best = (cost, rows, length)
+    return best[1], best[2]
+
+
 def packed_collate_preference(
     batch: Sequence[Mapping[str, Any]],
     padding_idx: int = 0,
@@ -78,17 +95,27 @@ def packed_collate_preference(
     pad_to_multiple_of: int = 1,
     row_len: Optional[int] = None,
     static_shapes: bool = False,
+    max_seq_len: Optional[int] = None,
+    embed_dim: int = 4096,
 ) -> Dict[str, Any]:
     """Lay a micro-batch of pairs out packed and prefix-shared (see the module docstring).
 
-    Rows are filled first-fit-decreasing up to ``row_len`` tokens (default: the longest pair of
-    the batch), so that no row is mostly masked: dense masked attention costs O(row length²).
+    Rows are filled first-fit-decreasing up to a capacity: ``row_len`` if given, else the one (from
+    the longest pair of the batch up to the whole batch in one row) that minimises the estimated
+    cost ``rows x length x (1 + length / (6 x embed_dim))``: every row is padded to the longest,
+    and dense masked attention costs O(length²) per row on the CPU (~4·L·d FLOPs per position
+    against ~24·d² for the projections and MLP), so no row is mostly masked.
 
     ``static_shapes`` (the recipes set it on CUDA) puts every pair into ONE row whose length is
     rounded up by :func:`bucket_length`: a FlexAttention ``BlockMask`` skips the masked blocks, so
     a long row costs nothing extra, and torchtune compiles ``flex_attention`` with
     ``dynamic=False``: every new ``[rows, length]`` would recompile it, and after Dynamo's
     recompile limit it falls back to an unfused attention that materialises the scores.
+
+    No row is longer than ``max_seq_len`` (the model's: torchtune's decoders refuse longer
+    inputs); a batch holding a pair whose packed length exceeds it (two long responses after a
+    short prompt) is laid out padded instead (:func:`prefopt.data.padded_collate_preference`),
+    which the step takes as well.
 
     Args:
         batch: items of :class:`prefopt.data.PreferenceDataset` (``chosen_input_ids``,
@@ -97,6 +124,9 @@ def packed_collate_preference(
         ignore_idx (int): label value of unscored positions.
         pad_to_multiple_of (int): round the row length up to a multiple of this.
         row_len (Optional[int]): the row capacity; raised to the longest pair if smaller.
+        static_shapes (bool): one row of a bucketed length (see above), on CUDA.
+        max_seq_len (Optional[int]): the model's longest input.
+        embed_dim (int): the model's width, for the cost estimate of a row's attention.
 
     Returns:
         Dict[str, Any]: ``tokens`` [R, L], ``input_pos`` [R, L], ``doc_pair`` [R, L],
@@ -119,14 +149,24 @@ def packed_collate_preference(
         k = _common_prefix(c, r)
         seqs.append((c, r, cl, rl, k, len(c) + len(r) - k))
     lengths = [s[5] for s in seqs]
-    if static_shapes:
+    limit = max_seq_len or float("inf")
+    if max(lengths) > limit:
+        from prefopt.data import padded_collate_preference
+
+        return padded_collate_preference(batch, padding_idx=padding_idx, ignore_idx=ignore_idx,
+                                         pad_to_multiple_of=pad_to_multiple_of)
+    if static_shapes and bucket_length(sum(lengths)) <= limit:
         layout = [sorted(range(b), key=lambda i: -lengths[i])]
         seq_len = bucket_length(sum(lengths))
-    else:
-        capacity = max(max(lengths), row_len or 0)
-        layout = _first_fit_decreasing(lengths, capacity)
+    elif static_shapes:  # rows of the model's full length: only the number of rows varies
+        layout = _first_fit_decreasing(lengths, int(limit))
+        seq_len = int(limit)
+    elif row_len is not None:
+        layout = _first_fit_decreasing(lengths, min(max(max(lengths), row_len), limit))
         seq_len = max(sum(lengths[i] for i in row) for row in layout)
-    seq_len += -seq_len % pad_to_multiple_of
+    else:
+        layout, seq_len = _cheapest_layout(lengths, limit, embed_dim)
+    seq_len = min(seq_len + -seq_len % pad_to_multiple_of, max(int(min(limit, 2**62)), seq_len))
     n_rows = len(layout)
 
     tokens = np.full((n_rows, seq_len), padding_idx, dtype=np.int64)

@@ -428,6 +428,8 @@ class SimPORecipeDistributed:
                 padding_idx=self._tokenizer.pad_id,
                 pad_to_multiple_of=self._cfg["pad_to_multiple_of"],
                 static_shapes=self._device.type == "cuda",
+                max_seq_len=self._model.max_seq_len,
+                embed_dim=self._model.tok_embeddings.embedding_dim,
             )
         ds = self._build_dataset(cfg_dataset)
         # DistributedSampler permutes all indices with one generator seeded (seed + epoch), the

@@ -310,7 +310,11 @@ class SimPORecipeSingleDevice:
             # CUDA: one row per micro-batch, bucketed lengths: few shapes for the compiled
             # FlexAttention (a new shape recompiles it)
             collate = partial(
-                packed_collate_preference, padding_idx=self._tokenizer.pad_id, static_shapes=self._device.type == "cuda"
+                packed_collate_preference,
+                padding_idx=self._tokenizer.pad_id,
+                static_shapes=self._device.type == "cuda",
+                max_seq_len=self._model.max_seq_len,
+                embed_dim=self._model.tok_embeddings.embedding_dim,
             )
         loader = DataLoader(
             ds,

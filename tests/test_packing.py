@@ -223,13 +223,41 @@ def test_static_shapes_one_row_bucketed_and_still_exact():
     ladder = {bucket_length(n) for n in range(1, 16385)}
     assert len(ladder) == 21 and all(x % 128 == 0 for x in ladder)  # ~4 shapes per doubling
     assert all(bucket_length(n) <= 1.25 * n for n in range(512, 16385))  # <= 25% padding
-    model = _model("llama3")
+    from torchtune.models.llama3 import llama3
+
+    torch.manual_seed(0)
+    model = llama3(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=1024,
+                   intermediate_dim=64)
     items = _items()
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
-    packed = packed_collate_preference(items, static_shapes=True)
-    assert packed["tokens"].shape == (1, 512)
     ref, ref_grads = _run(model, padded_collate_preference(items, padding_idx=0), loss_fn)
-    out, grads = _run(model, packed, loss_fn)
-    assert_close(out.losses, ref.losses, atol=1e-5, rtol=1e-5)
-    for name, g in grads.items():
-        assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4)
+    one_row = packed_collate_preference(items, static_shapes=True, max_seq_len=1024)
+    # the model takes at most 64 positions: rows of exactly 64, only their number varies
+    capped = packed_collate_preference(items, static_shapes=True, max_seq_len=64)
+    assert one_row["tokens"].shape == (1, 512) and capped["tokens"].shape[1] == 64
+    for packed in (one_row, capped):
+        out, grads = _run(model, packed, loss_fn)
+        assert_close(out.losses, ref.losses, atol=1e-5, rtol=1e-5)
+        for name, g in grads.items():
+            assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4)
+    # a pair longer than the model's limit once packed: that batch is laid out padded
+    def packed_len(it):
+        c, r = it["chosen_input_ids"], it["rejected_input_ids"]
+        k = next((i for i, (x, y) in enumerate(zip(c, r)) if x != y), min(len(c), len(r)))
+        return len(c) + len(r) - k
+
+    longest = max(packed_len(it) for it in items)
+    fallback = packed_collate_preference(items, max_seq_len=longest - 1)
+    assert "input_pos" not in fallback and fallback["tokens"].shape[0] == 2 * len(items)
+
+
+def test_default_row_capacity_combines_pairs_when_it_is_cheaper():
+    """Two pairs, one 4x the other's length: one row of both costs less than two rows padded to
+    the longer (the short pair would be 3/4 padding)."""
+    g = torch.Generator().manual_seed(3)
+    items = [_pair(g, 40, 30, 30, row=0), _pair(g, 10, 5, 5, row=1)]
+    out = packed_collate_preference(items, embed_dim=4096)
+    assert out["tokens"].shape == (1, 100 + 20)
+    # with a narrow model, attention weighs more: equal-length pairs stay in rows of their own
+    items = [_pair(g, 40, 30, 30, row=0), _pair(g, 40, 30, 30, row=1)]
+    assert packed_collate_preference(items, embed_dim=8)["tokens"].shape == (2, 100)
