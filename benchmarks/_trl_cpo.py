@@ -11,7 +11,9 @@ step (the torchtune recipes log every step too), no checkpoint saving.
 --in-order: the pairs in file order (a SequentialSampler instead of the Trainer's RandomSampler),
 for data whose pairs differ in length, so that TRL's steps take the same pairs as ours.
 --rows-out FILE: the file rows each training step consumed, as JSON (one list per step), so the
-launcher can check that order instead of assuming it.
+launcher can check that order instead of assuming it; and next to it, FILE's stem + _tokens.json,
+TRL's own token counts of every row (prompt, prompt + chosen, prompt + rejected), so that it can
+check that TRL ran on the tokens it counts.
 """
 
 import argparse
@@ -153,6 +155,11 @@ def main() -> None:
     trainer.in_order = a.in_order
     if a.rows_out:
         trainer.consumed_rows = []
+        ds = trainer.train_dataset
+        tokens = {int(r): [len(p), len(c), len(j)] for r, p, c, j in
+                  zip(ds["row"], ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])}
+        with open(os.path.splitext(a.rows_out)[0] + "_tokens.json", "w") as f:
+            json.dump([tokens[i] for i in sorted(tokens)], f)
     trainer.model.print_trainable_parameters()
     trainer.train()
     if a.rows_out:

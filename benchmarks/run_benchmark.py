@@ -547,6 +547,9 @@ class _Run:
         res["torch_threads"] = c["torch_num_threads"]
         if self.rows.exists():
             res["rows_consumed"] = json.loads(self.rows.read_text())
+        trl_tokens = self.rows.with_name("rows_tokens.json")  # _trl_cpo.py --rows-out's companion
+        if trl_tokens.exists():
+            res["trl_tokens"] = json.loads(trl_tokens.read_text())
         log = self.log_path.read_text()
         for line in log.splitlines():
             if line.startswith("stepclock: prefopt from "):  # which prefopt the run imported
@@ -757,14 +760,20 @@ def data_stats(assets, a) -> Dict[str, Any]:
     }
 
 
-def check_order(r: Dict[str, Any], a) -> Optional[str]:
-    """Why run r's consumed pairs are not the file order's (None if they are)."""
+def check_order(r: Dict[str, Any], assets, a) -> Optional[str]:
+    """Why run r did not run on the pairs and tokens the report counts (None if it did): its
+    consumed rows must be file order's, and TRL's tokenization the counted lengths."""
     got = r.get("rows_consumed")
     if got is None:
         return "its consumed rows were not recorded"
     want = [step_rows(a, k) for k in range(a.steps)]
     if [list(x) for x in got[: a.steps]] != want:
-        return f"consumed rows {got[: a.steps]}, file order is {want}"
+        return f"not the file order: consumed rows {got[: a.steps]}, file order is {want}"
+    if r["tool"] == "trl_cpo":
+        counted = [[p["prompt"], p["prompt"] + p["chosen"], p["prompt"] + p["rejected"]] for p in assets["pairs"]]
+        if r.get("trl_tokens") != counted:
+            bad = [i for i, (x, y) in enumerate(zip(r.get("trl_tokens") or [], counted)) if x != y]
+            return f"TRL's token counts (prompt, prompt + chosen, prompt + rejected) differ from the counted ones, rows {bad[:5] or '?'}"
     return None
 
 
@@ -845,9 +854,9 @@ def run_packing(a, machine, t_all: float) -> None:
             for r in run_group(list(a.packing_tools), rnd, a, assets, a.workdir):
                 r["data"] = name
                 if "error" not in r:
-                    why = check_order(r, a)
-                    if why:  # not the pairs the others took: its tokens/s would compare unlike work
-                        r["error"] = f"not the file order: {why}"
+                    why = check_order(r, assets, a)
+                    if why:  # not the work the others did: its tokens/s would compare unlike work
+                        r["error"] = why
                 results.append(r)
                 (a.workdir / "raw_results_packing.json").write_text(json.dumps(results, indent=1))
                 if "error" in r:
