@@ -1102,11 +1102,13 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="model shape (default: small; decoder for --parts packing)")
     p.add_argument("--max-pair-len", type=int, default=2048, help="--parts packing: cap on a pair's prompt + chosen + rejected tokens")
     p.add_argument("--length-scale", type=float, default=1.0, help="--parts packing: scale the length models' medians (quick runs)")
-    # defaults: (lora/full parts, packing part)
+    # defaults: (lora/full parts, packing part). Packing: a decoder-shape step takes ~20-30 CPU-s
+    # per 1,000 tokens on 2 cores, so batch 2 x 4 steps keeps the three data sets x three runs at
+    # ~20 min on a quiet machine (batch 4: about twice that)
     p.add_argument("--rounds", type=int, default=None, help="rounds of fresh processes (default 2; packing 1)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run, warm-up included (default 7; packing 4)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 4; packing 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 4; packing 2)")
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=190)
     p.add_argument("--response-len", type=int, default=190)
@@ -1126,7 +1128,7 @@ def main() -> None:
         p.error("--parts packing runs on its own (it has its own shape, data, steps and report)")
     a.shape = a.shape or ("decoder" if a.packing else "small")
     a.model_shape = SHAPES[a.shape]
-    for key, default, packing_default in (("rounds", 2, 1), ("steps", 7, 4), ("batch_size", 4, 4)):
+    for key, default, packing_default in (("rounds", 2, 1), ("steps", 7, 4), ("batch_size", 4, 2)):
         if getattr(a, key) is None:
             setattr(a, key, packing_default if a.packing else default)
     a.data = a.data.split(",") if a.data else (list(DATASETS) if a.packing else ["uniform"])
