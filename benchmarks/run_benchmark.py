@@ -966,12 +966,11 @@ def write_packing_report(summary, rat, dstats, layouts, machine, n_params, a, wa
             missed = [r for r in rat.get(name, []) if r.get("tps_met") is False]
             for r in missed:
                 pos = totp["positions"] / tot["positions"]
-                L.append(f"- {r['ours']} vs {r['peer']} missed ({r['tps_ratio']:.2f}x): the padded layouts run the decoder on "
-                         f"{pos:.2f}x the positions of the packed one" +
+                L.append(f"- {r['ours']} vs {r['peer']} missed ({r['tps_ratio']:.2f}x) although the padded layouts run the decoder "
+                         f"on {pos:.2f}x the positions of the packed one" +
                          (f" and TRL the output layer on {tott / tot['output_positions']:.1f}x ours" if r["peer"] == "trl_cpo" else "") +
-                         "; time not explained by these is per-position cost (dense masked attention of the packed rows, "
-                         "LoRA/adapter overheads, the tool's own Python) - profile with torch.profiler over one step "
-                         "of each run to split it.")
+                         f". Where the time goes, op by op, packed vs padded on one step's pairs: `benchmarks/profile_packing.py "
+                         f"--data {a.workdir / 'data' / (name + '.jsonl')} --batch-size {a.batch_size} --step {a.warmup}`.")
             if missed:
                 L.append("")
     L.append(f"Raw numbers: {a.out_dir / 'packing.json'}; logs, configs and recorded rows: {a.workdir}/runs/<data set>/.")
