@@ -685,7 +685,7 @@ def write_report(summary, rat, machine, assets, a, skipped: Dict[str, str], wall
              f"{a.workdir}/runs/.")
     (a.out_dir / "results.md").write_text("\n".join(L) + "\n")
     (a.out_dir / "results.json").write_text(json.dumps({"machine": machine, "summary": summary, "ratios": rat, "skipped": skipped,
-                                                         "assets": {k: str(v) for k, v in assets.items()}, "args": {k: str(v) for k, v in vars(a).items()}}, indent=1))
+                                                         "assets": {k: str(v) for k, v in assets.items() if k != "pairs"}, "args": {k: str(v) for k, v in vars(a).items()}}, indent=1))
     plot(summary, machine, a)
 
 
