@@ -91,7 +91,6 @@ SHAPES = {
     # packed row is as long as the longest pair (prompt + chosen + rejected) of its batch.
     "decoder": dict(vocab_size=32000, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768, intermediate_dim=2048, max_seq_len=2048, norm_eps=1e-5),
 }
-MODEL_SHAPE = SHAPES["small"]
 LORA = dict(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=False, apply_lora_to_output=False, lora_rank=8, lora_alpha=16, lora_dropout=0.0)
 HF_LORA_TARGETS = "q_proj,v_proj"
 
