@@ -1,6 +1,6 @@
 """Write the benchmark's Hugging Face Llama (seeded, random init) to a folder.
 
-    python benchmarks/_make_model.py OUT_DIR SEED 'JSON of run_benchmark.MODEL_SHAPE'
+    python benchmarks/_make_model.py OUT_DIR SEED 'JSON of one of run_benchmark.SHAPES'
 
 A separate process so that run_benchmark.py itself never imports torch: a child process inherits
 its parent's peak RSS (ru_maxrss survives fork + exec on Linux), so the process that launches the

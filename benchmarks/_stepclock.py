@@ -30,6 +30,8 @@ _T_START = time.perf_counter()
 _STEPS = []  # (perf_counter, process CPU time, ru_maxrss KiB) after each optimizer step
 _GO = []  # (perf_counter, process CPU time) when the run was let go on after each step (lockstep)
 _OUT = None
+_ROWS = []  # --record-rows: the source rows of each micro-batch our recipes' step ran on
+_ROWS_OUT = None
 # Lockstep (set by run_benchmark.py): after each optimizer step, report on STATUS_FD and wait for
 # one byte on CTRL_FD before going on, so that the launcher can run the steps of several runs
 # one at a time, A B C A B C ..., each on an otherwise idle (by us) machine.
@@ -51,6 +53,9 @@ def _hook(optimizer, args, kwargs):
 
 
 def _write():
+    if _ROWS_OUT is not None:
+        with open(_ROWS_OUT, "w") as f:
+            json.dump(_ROWS, f)
     if _OUT is None:
         return
     with open(_OUT, "w") as f:
@@ -103,8 +108,26 @@ def _install_cpu_shims() -> None:
     torchtune.training.cleanup_before_training = _cleanup_before_training
 
 
+def _record_rows() -> None:
+    """Wrap prefopt.step.preference_forward (both of our recipes' one call per micro-batch, either
+    layout) to note ``batch["rows"]``: which pairs each step really consumed, in which order. The
+    recipe binds the name when it is imported, after this."""
+    import prefopt
+    import prefopt.step
+
+    # the benchmark must measure the checkout it runs from, not another install of prefopt
+    print(f"stepclock: prefopt from {prefopt.__file__}", flush=True)
+    forward = prefopt.step.preference_forward
+
+    def recording_forward(model, batch, *args, **kwargs):
+        _ROWS.append(batch["rows"].tolist())
+        return forward(model, batch, *args, **kwargs)
+
+    prefopt.step.preference_forward = recording_forward
+
+
 def main() -> None:
-    global _OUT
+    global _OUT, _ROWS_OUT
     argv = sys.argv[1:]
     if "--" not in argv:
         raise SystemExit(__doc__)
@@ -122,9 +145,13 @@ def main() -> None:
         "torchtune.training.cleanup_before_training (gc + torch.cpu.empty_cache/reset_peak_memory_stats, which "
         "torch.cpu lacks) is gc.collect() only. None of them touches the training step.",
     )
+    p.add_argument("--record-rows", default=None, help="write the source rows of every micro-batch of our recipes here (JSON)")
     opts = p.parse_args(argv[:split])
     cmd = argv[split + 1 :]
     _OUT = opts.out
+    if opts.record_rows:
+        _ROWS_OUT = opts.record_rows
+        _record_rows()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.cpu_shims and not torch.cuda.is_available():

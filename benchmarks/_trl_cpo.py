@@ -7,6 +7,13 @@ Run by run_benchmark.py under benchmarks/_stepclock.py, which times the optimize
 Settings that differ from CPOConfig's defaults, to match the torchtune runs: fp32 (bf16=False),
 no gradient checkpointing, no gradient clipping (max_grad_norm=0), constant LR, logging every
 step (the torchtune recipes log every step too), no checkpoint saving.
+
+--in-order: the pairs in file order (a SequentialSampler instead of the Trainer's RandomSampler),
+for data whose pairs differ in length, so that TRL's steps take the same pairs as ours.
+--rows-out FILE: the file rows each training step consumed, as JSON (one list per step), so the
+launcher can check that order instead of assuming it; and next to it, FILE's stem + _tokens.json,
+TRL's own token counts of every row (prompt, prompt + chosen, prompt + rejected), so that it can
+check that TRL ran on the tokens it counts.
 """
 
 import argparse
@@ -27,6 +34,7 @@ from peft import LoraConfig
 import peft.tuners.lora.torchao as _peft_torchao  # noqa: E402
 
 _peft_torchao.is_torchao_available = lambda: False
+from torch.utils.data import SequentialSampler
 from transformers import LlamaForCausalLM
 
 try:  # TRL 1.x
@@ -36,6 +44,25 @@ except ImportError:  # older TRL
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.wordtok import hf_word_tokenizer  # noqa: E402
+
+
+class BenchCPOTrainer(CPOTrainer):
+    """CPOTrainer that can read the pairs in file order and notes which pairs each step took."""
+
+    in_order = False
+    consumed_rows = None  # a list to append each step's "row" column to, or None
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.in_order:
+            return super()._get_train_sampler(train_dataset)
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # one call per optimizer step here (gradient_accumulation_steps=1, no evaluation); the
+        # collator passes the non-tensor "row" column through as a list
+        if self.consumed_rows is not None:
+            self.consumed_rows.append([int(r) for r in inputs["row"]])
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 def main() -> None:
@@ -53,16 +80,19 @@ def main() -> None:
     p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--in-order", action="store_true", help="train on the pairs in file order")
+    p.add_argument("--rows-out", default=None, help="write the rows each step consumed here (JSON)")
     a = p.parse_args()
 
     rows = []
     with open(a.data) as f:
-        for line in f:
+        for i, line in enumerate(f):
             r = json.loads(line)
             # the user message is the prompt; a leading space keeps word boundaries when TRL
             # tokenizes prompt + answer as one string (WhitespaceSplit: same ids either way)
             rows.append(
                 {
+                    "row": i,  # the file row, kept through TRL's tokenization (map keeps columns)
                     "prompt": r["chosen"][0]["content"],
                     "chosen": " " + r["chosen"][1]["content"],
                     "rejected": " " + r["rejected"][1]["content"],
@@ -104,7 +134,7 @@ def main() -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = CPOTrainer(
+    trainer = BenchCPOTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
@@ -122,8 +152,19 @@ def main() -> None:
         len(ex["prompt_input_ids"]),
         flush=True,
     )
+    trainer.in_order = a.in_order
+    if a.rows_out:
+        trainer.consumed_rows = []
+        ds = trainer.train_dataset
+        tokens = {int(r): [len(p), len(c), len(j)] for r, p, c, j in
+                  zip(ds["row"], ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])}
+        with open(os.path.splitext(a.rows_out)[0] + "_tokens.json", "w") as f:
+            json.dump([tokens[i] for i in sorted(tokens)], f)
     trainer.model.print_trainable_parameters()
     trainer.train()
+    if a.rows_out:
+        with open(a.rows_out, "w") as f:
+            json.dump(trainer.consumed_rows, f)
 
 
 if __name__ == "__main__":
