@@ -1,0 +1,54 @@
+"""benchmarks/gpu_check.py --dry-run: the GPU check's code path, on the CPU, so that the script
+a lent GPU runs first cannot rot unseen (~40 s on 2 cores)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_dry_run_gives_every_row_with_numbers(tmp_path):
+    from benchmarks.gpu_check import DRY_MATRIX
+
+    out, js = tmp_path / "gpu_check.md", tmp_path / "gpu_check.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "OMP_WAIT_POLICY": "PASSIVE"}
+    # --peak-tflops: a CPU has no known peak; with one given, the MFU column is computed too
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--peak-tflops", "1",
+           "--out", str(out), "--json", str(js), "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["name"] for r in rows] == list(DRY_MATRIX)
+    for r in rows:
+        assert "error" not in r, r
+        assert r["steps"] == 2
+        for k in ("median_s", "tokens_per_s", "tflops", "mfu", "flops_per_token"):
+            assert isinstance(r[k], float) and r[k] > 0, (r["name"], k, r[k])
+        assert r["shape"]["N"] > 0 and r["shape"]["L"] == 2
+        assert (r["shape"]["N_adapter"] > 0) == (r["recipe"] == "lora")
+        assert "peak_gib" not in r  # CPU: no CUDA allocator to read
+
+    # the Markdown table: one row per run, numbers in the timing columns, no error text
+    table = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and not ln.startswith("| run ")]
+    assert len(table) == len(DRY_MATRIX)
+    for ln in table:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        name, step_s, tok_s, peak, tflops, mfu, err = cells[0], cells[6], cells[7], cells[8], cells[9], cells[10], cells[12]
+        assert name in DRY_MATRIX and err == "", ln
+        assert re.fullmatch(r"[0-9.]+", step_s) and re.fullmatch(r"[0-9,]+", tok_s), ln
+        assert re.fullmatch(r"[0-9.e+-]+", tflops) and re.fullmatch(r"[0-9.]+ %", mfu), ln
+        assert peak == "n/a", ln
+    text = out.read_text()
+    assert "MFU ≥ 45% for full_eager_packed:" in text  # the target's arithmetic ran on the stand-in row
+    assert "6·N·T + 6·d·V·T_s + 12·L·d·S·T" in text  # the formula is stated
+    assert text in proc.stdout  # printed too
