@@ -14,7 +14,7 @@ batch 4 pairs = 8 sequences of 382 tokens, half prompt), in this process:
    (medians), and their losses/gradients against ``ours``.
 3. Peak-RSS increase of one step of each variant, each in a fresh process (_sweep_point.py).
 
-Writes benchmarks/profile.md (and profile.json).
+Writes benchmarks/results/profile.md (and profile.json).
 """
 
 import argparse
@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--ac-variants", default="ours,response_only_ce", help="also time these with activation checkpointing")
     p.add_argument("--full", action="store_true", help="full fine-tuning: every weight trainable, AdamW over all")
-    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks")
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args()
     variants = a.variants.split(",")
     # 3. (first) memory, fresh process per variant

@@ -35,7 +35,7 @@ tokens per step = pairs per step x (prompt + chosen + rejected tokens of a pair,
 included), counted from the data set, the same for every tool (no padding: every pair has the
 same lengths). Peak memory = the subprocess's peak RSS (os.wait4's ru_maxrss).
 
-Writes benchmarks/results.md, results.png, results.json (and sweep.md/.png/.json with --sweep).
+Writes benchmarks/results/results.md, results.png, results.json (and sweep.md/.png/.json with --sweep).
 
 --parts packing (on its own): our packed layout vs our padded one vs TRL, on data with realistic
 length distributions. One lockstep group per data set (--data; default all three):
@@ -1092,7 +1092,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/prefopt_bench"))
     p.add_argument("--out-dir", type=Path, default=None,
-                   help="where the results go (default: benchmarks/ for results.md, sweep.md; benchmarks/results/ for packing.md)")
+                   help="where the results go (default: benchmarks/results/)")
     p.add_argument("--parts", default="lora,full", help="comma list of lora, full, sweep; or packing (on its own)")
     p.add_argument("--sweep", action="store_true", help="add the memory sweep to --parts")
     p.add_argument("--tools", default=None, help="comma list: only these runs (" + ", ".join(TOOLS) + ")")
@@ -1137,7 +1137,7 @@ def main() -> None:
     if a.packing and a.max_pair_len > a.model_shape["max_seq_len"]:
         p.error(f"--max-pair-len {a.max_pair_len} exceeds the {a.shape} shape's max_seq_len {a.model_shape['max_seq_len']}")
     a.packing_tools = [t for t in PACKING_TOOLS if a.tools is None or t in a.tools.split(",")]
-    a.out_dir = a.out_dir or (BENCH / "results" if a.packing else BENCH)
+    a.out_dir = a.out_dir or BENCH / "results"  # every generated table, JSON and plot goes there
     if a.steps <= a.warmup + 1:
         p.error("--steps must exceed --warmup + 1")
     if a.pairs < a.steps * a.batch_size:
