@@ -193,11 +193,11 @@ def test_find_undecodable_text_passes_valid_text(tmp_path):
 def test_lone_surrogate_reaching_a_row_is_a_bad_example(tmp_path, tiny_tokenizer, monkeypatch):
     """A loader that hands over Python strings with a lone surrogate (none of the `datasets`
     formats can: they store UTF-8) gets the row check: no tokenizer can encode such text."""
-    import torchtune.datasets._preference as tt_pref
+    import prefopt.data as pdata
 
     rows = json.loads(json.dumps(ROWS))
     rows[2]["chosen"][0]["content"] += "\udfff"
-    monkeypatch.setattr(tt_pref, "load_dataset", lambda *a, **k: rows)
+    monkeypatch.setattr(pdata, "load_dataset", lambda *a, **k: rows)
     with pytest.raises(BadExample) as e:
         preference_dataset(tiny_tokenizer, source="my/hub-set", split="train", on_bad_example="error")
     assert str(e.value) == (
