@@ -74,7 +74,7 @@ FORMATS: Dict[str, Tuple[str, ...]] = {
     "princeton": ("prompt", "chosen", "rejected"),
 }
 # Bump when the encoding below changes what a cached file holds: old caches then miss.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 # Below this many rows per process, forking workers costs more than it saves.
 _MIN_ROWS_PER_PROC = 2000
 
@@ -370,7 +370,11 @@ class _PairEncoder:
                 enc = self.encode(row, sample)
                 enc["bad"], enc["error"] = "", ""
             except BadExample as e:
-                enc = dict(_EMPTY, bad=e.reason, error=str(e))
+                # stored without the "<source>: " prefix: the same data read under another
+                # spelling of its path (same key) gets its own name at raise time
+                msg = str(e)
+                prefix = f"{self.source_name}: "
+                enc = dict(_EMPTY, bad=e.reason, error=msg[len(prefix):] if msg.startswith(prefix) else msg)
             enc["row"] = row
             for k in out:
                 out[k].append(enc[k])
@@ -807,7 +811,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.dropped: Counter = Counter(tokens.select(bad)["bad"]) if len(bad) else Counter()
         if len(bad) and on_bad_example == "error":
             first = tokens[int(bad[0])]  # the first bad row, in row order (shards are contiguous)
-            raise BadExample(first["error"], first["bad"])
+            raise BadExample(f"{self.source_name}: {first['error']}", first["bad"])
         self._tokens = tokens.select_columns(["row", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_masked", "rejected_masked"])
         if self.dropped and _is_rank_zero():
             log.warning(
