@@ -550,7 +550,8 @@ class _NodeBuilderFirst:
     first, the node's other ranks wait at a barrier and run it after (then it reads the cache
     the builder wrote). Every rank calls the barrier exactly once, also when the builder's block
     raises (the others then run it themselves and meet the same error). Without an initialized
-    process group of more than one rank it does nothing."""
+    process group of more than one rank it does nothing. So under torch.distributed every rank
+    must build the same data sets in the same order (the recipes do), or the barrier waits."""
 
     def __enter__(self) -> "_NodeBuilderFirst":
         self.on = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
