@@ -1,29 +1,54 @@
-"""Preference data for SimPO: torchtune's ``PreferenceDataset`` plus princeton-style truncation,
-row validation and a collate that keeps the source row ids.
+"""Preference data for SimPO: the formats users have, princeton-style truncation, row
+validation, tokenized once with ``datasets`` into memory-mapped Arrow files that are cached on
+disk and shared by every rank, and a collate that keeps the source row ids.
 
-Config use (same sources and ``column_map`` as ``torchtune.datasets.preference_dataset``)::
+Config use (``source`` / ``data_files`` / ``split`` as in ``torchtune.datasets.preference_dataset``)::
 
     dataset:
       _component_: prefopt.data.preference_dataset
       source: json
       data_files: my_pairs.jsonl
       split: train
+      format: messages          # or trl_conversational, trl_strings, princeton
       max_seq_len: 2048
       max_prompt_len: 1800
+      batch_size: ${batch_size} # only for the start-up summary's padding figure
+
+Formats (``column_map`` renames the columns when a file's names differ):
+
+- ``messages`` (torchtune's, HuggingFaceH4/ultrafeedback_binarized): ``chosen`` and ``rejected``
+  are message lists (``{"role", "content"}``) that include the prompt;
+- ``trl_conversational`` (TRL's standard conversational format, trl-lib/ultrafeedback_binarized):
+  ``prompt`` is a message list, ``chosen`` / ``rejected`` lists of only the response message(s);
+- ``trl_strings`` (TRL's standard format with plain text): ``prompt``, ``chosen``, ``rejected``
+  strings; the prompt becomes a user message and each response an assistant message, so the
+  tokenizer's chat template applies (``prompt_template: null`` means raw concatenation);
+- ``princeton`` (princeton-nlp/llama3-ultrafeedback-armorm and its siblings): a ``prompt`` string
+  plus ``chosen`` / ``rejected`` message lists; lists that hold the prompt turn(s) (the published
+  sets do) are used as they are, lists of only the response get the prompt as a user message.
 """
 
+import hashlib
+import itertools
 import json
 import logging
+import os
 import re
+import shutil
+import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import datasets
+import numpy as np
+import pyarrow as pa
 import torch
+from datasets import load_dataset
 from torch.nn.utils.rnn import pad_sequence
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, ChosenRejectedToMessages
-from torchtune.datasets import PreferenceDataset as _TorchtunePreferenceDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from prefopt.logprobs import score_plan_from_labels
@@ -34,6 +59,8 @@ __all__ = [
     "padded_collate_preference",
     "truncate_pair",
     "find_undecodable_text",
+    "padding_share",
+    "FORMATS",
     "scan_json_lines",
 ]
 
@@ -42,6 +69,17 @@ log = logging.getLogger(__name__)
 _ROLES = ("system", "user", "assistant", "ipython", "tool")
 _PROMPT_TRUNCATION = ("keep_end", "keep_start")
 _ON_BAD = ("drop", "error")
+# format -> the columns it reads (the keys ``column_map`` may rename)
+FORMATS: Dict[str, Tuple[str, ...]] = {
+    "messages": ("chosen", "rejected"),
+    "trl_conversational": ("prompt", "chosen", "rejected"),
+    "trl_strings": ("prompt", "chosen", "rejected"),
+    "princeton": ("prompt", "chosen", "rejected"),
+}
+# Bump when the encoding below changes what a cached file holds: old caches then miss.
+_CACHE_VERSION = 2
+# Below this many rows per process, forking workers costs more than it saves.
+_MIN_ROWS_PER_PROC = 2000
 
 
 class BadExample(ValueError):
@@ -51,6 +89,9 @@ class BadExample(ValueError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self):  # picklable with its reason (worker processes may raise it)
+        return (type(self), (str(self), self.reason))
 
 
 def truncate_pair(
@@ -95,132 +136,58 @@ def truncate_pair(
     return prompt, min(len(chosen), room), min(len(rejected), room)
 
 
-class PreferenceDataset(_TorchtunePreferenceDataset):
-    """torchtune's ``PreferenceDataset`` (same loading, message transform and tokenization),
-    tokenized eagerly so that every row is checked once at start-up: rows that cannot become a
-    pair with at least one response token on each side are dropped and counted in one log line,
-    or raise (``on_bad_example="error"``) with the source, row index and field in the message.
+class _PairEncoder:
+    """Turns one source row into a tokenized, truncated, checked pair (the ``Dataset.map``
+    function; picklable, so ``num_proc`` worker processes can run it).
 
-    Why our own class: torchtune tokenizes lazily and truncates only at the end of the sequence
-    (cutting responses to nothing and leaving rows that give NaN average log-probs later); SimPO
-    needs princeton's prompt-first truncation and a guarantee that every kept row is scorable.
-
-    Args: see :func:`preference_dataset`.
+    Pure apart from the tokenizer: ``encode(row, sample)`` depends only on its arguments and the
+    settings given here (which, with the tokenizer, are what the cache key hashes).
     """
 
     def __init__(
         self,
         *,
-        source: str,
         tokenizer: ModelTokenizer,
-        column_map: Optional[Dict[str, str]] = None,
-        train_on_input: bool = False,
-        new_system_prompt: Optional[str] = None,
-        filter_fn: Optional[Callable] = None,
-        max_seq_len: Optional[int] = None,
-        max_prompt_len: Optional[int] = None,
-        prompt_truncation: str = "keep_end",
-        on_bad_example: str = "drop",
-        split: str = "train",
-        **load_dataset_kwargs: Any,
+        format: str,
+        column_map: Mapping[str, str],
+        new_system_prompt: Optional[str],
+        max_seq_len: Optional[int],
+        max_prompt_len: Optional[int],
+        prompt_truncation: str,
+        source_name: str,
     ) -> None:
-        if prompt_truncation not in _PROMPT_TRUNCATION:
-            raise ValueError(f"prompt_truncation must be one of {_PROMPT_TRUNCATION}, got {prompt_truncation!r}")
-        if on_bad_example not in _ON_BAD:
-            raise ValueError(f"on_bad_example must be one of {_ON_BAD}, got {on_bad_example!r}")
-        if max_seq_len is not None and max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
-        if max_prompt_len is not None and max_seq_len is not None and max_prompt_len >= max_seq_len:
-            raise ValueError(
-                f"max_prompt_len ({max_prompt_len}) must be smaller than max_seq_len ({max_seq_len}) "
-                "to leave room for the responses"
-            )
-        if train_on_input:
-            raise ValueError(
-                "train_on_input=True would score the prompt as part of each response; SimPO's "
-                "reward is the response's average log-prob, so it must be False"
-            )
-        self._column_map = column_map or {"chosen": "chosen", "rejected": "rejected"}
-        files = load_dataset_kwargs.get("data_files")
-        # Empty files and JSON Lines lines that are not JSON objects, before `datasets` sees them
-        # (it fails on both without naming the file or line): an error, or (drop) such lines
-        # are replaced by `{}` in a temporary copy and counted below as bad rows.
-        scratch = tempfile.TemporaryDirectory(prefix="prefopt_jsonl_")
-        load_files, unparsable = scan_json_lines(source, files, on_bad_example, scratch=Path(scratch.name))
-        if unparsable:
-            load_dataset_kwargs = {**load_dataset_kwargs, "data_files": load_files}
-        try:
-            super().__init__(
-                source=source,
-                message_transform=ChosenRejectedToMessages(
-                    train_on_input=False, column_map=column_map, new_system_prompt=new_system_prompt
-                ),
-                tokenizer=tokenizer,
-                filter_fn=filter_fn,
-                split=split,
-                **load_dataset_kwargs,
-            )
-        except Exception as e:
-            # `datasets` fails deep inside pyarrow on text it cannot decode; find the line.
-            found = _undecodable_in_files(source, files)
-            if found is None:
-                raise
-            # Always an error, also with on_bad_example=drop: the file does not load, so there
-            # is no row to drop. Fix or delete that line.
-            raise BadExample(f"{found}; the file cannot be loaded, fix or delete that line", "undecodable text") from e
-        finally:
-            scratch.cleanup()  # `datasets` has its own copy (arrow cache) now
-        self.source_name = f"{source}:{files}" if files else f"{source}[{split}]"
+        self.tokenizer = tokenizer
+        self.format = format
+        self.cols = dict(column_map)
+        self.new_system_prompt = new_system_prompt
         self.max_seq_len = max_seq_len
         self.max_prompt_len = max_prompt_len
         self.prompt_truncation = prompt_truncation
-        self.dropped: Counter = Counter()
-        self._examples: List[Dict[str, Any]] = []
-        for row in range(len(self._data)):
-            if row in unparsable:
-                self.dropped["invalid JSON"] += 1
-                continue
-            try:
-                self._examples.append(self._build(row, self._row(row)))
-            except BadExample as e:
-                if on_bad_example == "error":
-                    raise
-                self.dropped[e.reason] += 1
-        if self.dropped:
-            log.warning(
-                "%s: dropped %d of %d rows (%s); set on_bad_example=error to stop at the first one",
-                self.source_name,
-                sum(self.dropped.values()),
-                len(self._data),
-                ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())),
-            )
-        if not self._examples:
-            raise ValueError(f"{self.source_name}: no usable preference pairs (dropped: {dict(self.dropped)})")
+        self.source_name = source_name
+        self.features: Optional[datasets.Features] = None  # the split's, set before mapping
+        self._arrow_text = False  # rows come from Arrow (valid UTF-8), set by __call__
+        # torchtune's transform: drops system messages when new_system_prompt replaces them, sets
+        # `masked`, builds Message objects. We hand it whole conversations (prompt included).
+        self._transform = ChosenRejectedToMessages(train_on_input=False, new_system_prompt=new_system_prompt)
 
+    def settings(self) -> Dict[str, Any]:
+        """What, besides the tokenizer and the data, decides the tokens (for the cache key)."""
+        return {k: getattr(self, k) for k in ("format", "cols", "new_system_prompt", "max_seq_len", "max_prompt_len", "prompt_truncation")}
+
+    # -- row checks -------------------------------------------------------------------------
     def _bad(self, row: int, field: str, what: str, reason: str) -> BadExample:
         return BadExample(f"{self.source_name}: row {row}, field {field!r}: {what}", reason)
 
-    def _row(self, row: int) -> Mapping[str, Any]:
-        """``self._data[row]``; bytes that are not UTF-8 inside a JSON string get through
-        pyarrow's JSON reader and fail only here, when the row is decoded: a bad example."""
-        try:
-            return self._data[row]
-        except UnicodeDecodeError as e:
-            table = self._data.with_format("arrow")[row : row + 1]
-            field = "?"
-            for name in table.column_names:
-                try:
-                    table.column(name).to_pylist()
-                except UnicodeDecodeError:
-                    field = name
-                    break
-            raise self._bad(row, field, f"text that is not UTF-8 ({_undecodable_bytes(e)})", "undecodable text") from e
-
-    def _check_messages(self, row: int, sample: Mapping[str, Any], key: str) -> None:
-        col = self._column_map[key]
+    def _field(self, row: int, sample: Mapping[str, Any], key: str) -> Any:
+        col = self.cols[key]
         if col not in sample or sample[col] is None:
             raise self._bad(row, col, "missing", "missing field")
-        msgs = sample[col]
+        return sample[col]
+
+    def _messages(self, row: int, sample: Mapping[str, Any], key: str, *, response: bool) -> List[Dict[str, Any]]:
+        """The column as a checked list of messages; ``response``: it must hold a non-empty
+        assistant message."""
+        col, msgs = self.cols[key], self._field(row, sample, key)
         if not isinstance(msgs, (list, tuple)) or not msgs:
             raise self._bad(row, col, f"expected a non-empty list of messages, got {type(msgs).__name__}", "wrong type")
         for i, m in enumerate(msgs):
@@ -228,37 +195,111 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
                 raise self._bad(
                     row, col, f"message {i} must be {{'role': one of {_ROLES}, 'content': str}}, got {m!r:.120}", "wrong type"
                 )
-            bad = _SURROGATE.search(m["content"])
-            if bad:  # a lone surrogate: no tokenizer can encode it (not valid Unicode text)
-                raise self._bad(
-                    row, col, f"message {i} holds a lone surrogate {bad.group()!r} at character {bad.start()}: "
-                    "not valid Unicode text", "undecodable text"
-                )
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            self._valid_text(row, col, m["content"], f"message {i}")
+        if response and not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             raise self._bad(row, col, "has no non-empty assistant message", "empty response")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
-    def _build(self, row: int, sample: Mapping[str, Any]) -> Dict[str, Any]:
-        self._check_messages(row, sample, "chosen")
-        self._check_messages(row, sample, "rejected")
-        messages = self._message_transform(dict(sample))
+    def _string(self, row: int, sample: Mapping[str, Any], key: str, *, response: bool) -> str:
+        col, text = self.cols[key], self._field(row, sample, key)
+        if not isinstance(text, str):
+            raise self._bad(row, col, f"expected a string, got {type(text).__name__}", "wrong type")
+        self._valid_text(row, col, text, "the text")
+        if response and not text.strip():
+            raise self._bad(row, col, "is an empty response", "empty response")
+        return text
+
+    def _valid_text(self, row: int, col: str, text: str, what: str) -> None:
+        if self._arrow_text:
+            return
+        bad = _SURROGATE.search(text)
+        if bad:  # a lone surrogate: no tokenizer can encode it (not valid Unicode text)
+            raise self._bad(
+                row, col, f"{what} holds a lone surrogate {bad.group()!r} at character {bad.start()}: "
+                "not valid Unicode text", "undecodable text"
+            )
+
+    def conversations(self, row: int, sample: Mapping[str, Any]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+        """The chosen and rejected conversations (prompt turns + response) of a row in any format.
+
+        Raises:
+            BadExample: a missing field, a wrong type, an empty response, undecodable text.
+        """
+        if self.format == "messages":
+            return (self._messages(row, sample, "chosen", response=True), self._messages(row, sample, "rejected", response=True))
+        if self.format == "trl_conversational":
+            prompt = self._messages(row, sample, "prompt", response=False)
+            return (
+                prompt + self._messages(row, sample, "chosen", response=True),
+                prompt + self._messages(row, sample, "rejected", response=True),
+            )
+        if self.format == "trl_strings":
+            user = [{"role": "user", "content": self._string(row, sample, "prompt", response=False)}]
+            return tuple(
+                user + [{"role": "assistant", "content": self._string(row, sample, k, response=True)}] for k in ("chosen", "rejected")
+            )
+        # princeton: the published sets' lists hold the prompt turn; lists of only the response
+        # get the prompt string as a user message.
+        prompt = self._string(row, sample, "prompt", response=False)
+        out = []
+        for k in ("chosen", "rejected"):
+            msgs = self._messages(row, sample, k, response=True)
+            out.append(([{"role": "user", "content": prompt}] if msgs[0]["role"] == "assistant" else []) + msgs)
+        return out[0], out[1]
+
+    # -- one row ----------------------------------------------------------------------------
+    def encode(self, row: int, sample: Mapping[str, Any]) -> Dict[str, Any]:
+        """One row -> ``prompt_ids``, ``{chosen,rejected}_ids`` (the response, truncated),
+        ``{chosen,rejected}_masked`` (positions in the response whose label is ignored, e.g.
+        Llama 3's final end-of-text token), ``{prompt,chosen,rejected}_len`` (before truncation).
+
+        Raises:
+            BadExample: the row cannot become a pair with a response token on each side; the
+                message names the source, row and field.
+        """
+        chosen, rejected = self.conversations(row, sample)
+        messages = self._transform({"chosen": chosen, "rejected": rejected})
         parts = {}
         for key in ("chosen", "rejected"):
-            msgs = messages[key]
-            if msgs[-1].role != "assistant":
-                raise self._bad(row, self._column_map[key], "the last message must be the assistant's response", "no final response")
+            if messages[key][-1].role != "assistant":
+                raise self._bad(row, self.cols[key], "the last message must be the assistant's response", "no final response")
             # Only the final assistant turn is the response (princeton's prompt is the whole
             # conversation before it): earlier assistant turns are shared context, and scoring
             # them would dilute the average log-prob with tokens both sides have.
-            for m in msgs[:-1]:
+            for m in messages[key][:-1]:
                 m.masked = True
-            ids, mask = self._tokenizer.tokenize_messages(msgs)
-            p = next((i for i, masked in enumerate(mask) if not masked), len(ids))
-            parts[key] = (list(ids[:p]), list(ids[p:]), [CROSS_ENTROPY_IGNORE_IDX if m else t for t, m in zip(ids[p:], mask[p:])])
+        tok = self.tokenizer
+        # Both sides share the prompt: the rejected side's prompt turns would be encoded a
+        # second time (~15% of the tokenizer's time on UltraFeedback). torchtune's tokenizers
+        # encode message by message through `self.encode`, so a memo of it for this row gives
+        # the rejected side the very ids a fresh call would (same text, same arguments); a
+        # tokenizer that does not call `self.encode` is simply not sped up.
+        memo: Dict[Any, List[int]] = {}
+        orig = tok.encode
+
+        def encode(text: str, *args: Any, **kwargs: Any) -> List[int]:
+            k = (text, args, tuple(sorted(kwargs.items())))
+            if k not in memo:
+                memo[k] = orig(text, *args, **kwargs)
+            return list(memo[k])
+
+        tok.encode = encode  # an instance attribute shadows the method, for this row only
+        try:
+            for key in ("chosen", "rejected"):
+                ids, mask = tok.tokenize_messages(messages[key])
+                try:
+                    p = mask.index(False)  # the first labelled token: where the response starts
+                except ValueError:
+                    p = len(ids)
+                parts[key] = (ids[:p], ids[p:], mask[p:])
+        finally:
+            del tok.encode
         prompt = parts["chosen"][0]
         if prompt != parts["rejected"][0]:
             raise self._bad(
-                row, self._column_map["rejected"], "its prompt (the messages before the first response) differs from the chosen one", "different prompts"
+                row, self.cols["rejected"], "its prompt (the messages before the first response) differs from the chosen one", "different prompts"
             )
+        n_prompt = len(prompt)
         prompt, n_c, n_r = truncate_pair(
             prompt,
             parts["chosen"][1],
@@ -266,34 +307,124 @@ class PreferenceDataset(_TorchtunePreferenceDataset):
             max_seq_len=self.max_seq_len,
             max_prompt_len=self.max_prompt_len,
             prompt_truncation=self.prompt_truncation,
-            bos_id=getattr(self._tokenizer, "bos_id", None),
+            bos_id=getattr(self.tokenizer, "bos_id", None),
         )
-        out: Dict[str, Any] = {"row": row}
+        out: Dict[str, Any] = {"prompt_ids": prompt, "prompt_len": n_prompt}
         for key, n in (("chosen", n_c), ("rejected", n_r)):
-            _, resp_ids, resp_labels = parts[key]
-            resp_ids, resp_labels = list(resp_ids[:n]), list(resp_labels[:n])
-            if not any(l != CROSS_ENTROPY_IGNORE_IDX for l in resp_labels):
+            _, resp, mask = parts[key]
+            mask = mask[:n]
+            if False not in mask:  # no labelled token left
                 raise self._bad(
-                    row, self._column_map[key],
+                    row, self.cols[key],
                     f"no response token left after truncation to max_seq_len={self.max_seq_len} "
                     f"(prompt is {len(prompt)} tokens; set max_prompt_len)",
                     "empty after truncation",
                 )
-            out[f"{key}_input_ids"] = list(prompt) + resp_ids
-            out[f"{key}_labels"] = [CROSS_ENTROPY_IGNORE_IDX] * len(prompt) + resp_labels
+            out[f"{key}_ids"] = resp[:n]
+            out[f"{key}_masked"] = [i for i, m in enumerate(mask) if m] if True in mask else []
+            out[f"{key}_len"] = len(resp)
         if parts["chosen"][1][:n_c] == parts["rejected"][1][:n_r]:
             raise self._bad(
-                row, self._column_map["rejected"],
+                row, self.cols["rejected"],
                 "chosen and rejected responses are identical" + (" after truncation" if (n_c, n_r) != (len(parts["chosen"][1]), len(parts["rejected"][1])) else ""),
                 "identical responses",
             )
         return out
 
-    def __len__(self) -> int:
-        return len(self._examples)
+    # -- a batch (the Dataset.map function) -------------------------------------------------
+    def rows_of(self, table: Any, indices: Sequence[int]) -> List[Any]:
+        """Python rows of an Arrow batch, decoded as ``datasets`` decodes them (e.g. its
+        ``Json`` feature, for a column whose rows mix types); a row whose text is not UTF-8
+        becomes a BadExample (pyarrow's JSON reader lets such bytes through; they fail only when
+        decoded). We map over Arrow batches, not datasets' Python ones, so that one such row
+        does not fail its whole batch."""
+        feats = datasets.Features({c: f for c, f in (self.features or {}).items() if c in table.column_names})
+        decode = any(datasets.features.features.require_decoding(f) for f in feats.values())
+        try:
+            rows = table.to_pylist()
+            return [feats.decode_example(r) for r in rows] if decode else rows
+        except UnicodeDecodeError:
+            pass
+        rows: List[Any] = []
+        for i, row in enumerate(indices):
+            one = table.slice(i, 1)
+            try:
+                r = one.to_pylist()[0]
+                rows.append(feats.decode_example(r) if decode else r)
+            except UnicodeDecodeError as e:
+                field = "?"
+                for name in one.column_names:
+                    try:
+                        one.column(name).to_pylist()
+                    except UnicodeDecodeError:
+                        field = name
+                        break
+                rows.append(self._bad(row, field, f"text that is not UTF-8 ({_undecodable_bytes(e)})", "undecodable text"))
+        return rows
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        return self._examples[index]
+    def encode_rows(self, rows: Sequence[Any], indices: Sequence[int]) -> Dict[str, List[Any]]:
+        """Columns (:data:`_FEATURES`) for a batch of rows; bad rows keep their place, with
+        ``bad`` (the reason) and ``error`` (the message) set and empty token lists."""
+        out: Dict[str, List[Any]] = {k: [] for k in _FEATURES}
+        for row, sample in zip(indices, rows):
+            try:
+                if isinstance(sample, BadExample):
+                    raise sample
+                enc = self.encode(row, sample)
+                enc["bad"], enc["error"] = "", ""
+            except BadExample as e:
+                # stored without the "<source>: " prefix: the same data read under another
+                # spelling of its path (same key) gets its own name at raise time
+                msg = str(e)
+                prefix = f"{self.source_name}: "
+                enc = dict(_EMPTY, bad=e.reason, error=msg[len(prefix):] if msg.startswith(prefix) else msg)
+            enc["row"] = row
+            for k in out:
+                out[k].append(enc[k])
+        return out
+
+    def __call__(self, table: Any, indices: Sequence[int]) -> Any:
+        cols = [c for c in set(self.cols.values()) if c in table.column_names]
+        # Text decoded from Arrow is valid UTF-8, so it holds no lone surrogate: skip that scan.
+        self._arrow_text = True
+        out = self.encode_rows(self.rows_of(table.select(cols), indices), indices)
+        # An Arrow table, not lists: datasets' generic list conversion took ~10% of the build.
+        return pa.table({k: _token_lists(v) if k in _LIST_COLUMNS else v for k, v in out.items()}, schema=_SCHEMA)
+
+
+_TOKENS = datasets.List(datasets.Value("int32"))
+_FEATURES = datasets.Features(
+    {
+        "row": datasets.Value("int64"),
+        "prompt_ids": _TOKENS,
+        "chosen_ids": _TOKENS,
+        "rejected_ids": _TOKENS,
+        "chosen_masked": _TOKENS,
+        "rejected_masked": _TOKENS,
+        "prompt_len": datasets.Value("int32"),
+        "chosen_len": datasets.Value("int32"),
+        "rejected_len": datasets.Value("int32"),
+        "bad": datasets.Value("string"),
+        "error": datasets.Value("string"),
+    }
+)
+_SCHEMA = _FEATURES.arrow_schema
+_LIST_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_masked", "rejected_masked")
+
+
+def _token_lists(lists: Sequence[List[int]]) -> Any:
+    """A list<int32> Arrow array of Python int lists, through numpy (pure)."""
+    lens = np.fromiter(map(len, lists), dtype=np.int32, count=len(lists))
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+_EMPTY = {
+    "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "chosen_masked": [], "rejected_masked": [],
+    "prompt_len": 0, "chosen_len": 0, "rejected_len": 0,
+}
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -480,10 +611,413 @@ def _undecodable_in_files(source: str, files: Any) -> Optional[str]:
     return None
 
 
+def default_cache_dir() -> Path:
+    """``$PREFOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/prefopt``, else ``~/.cache/prefopt``."""
+    env = os.environ.get("PREFOPT_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefopt"
+
+
+def default_num_proc() -> int:
+    """The cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cache_key(data_fingerprint: str, encoder: _PairEncoder) -> Optional[str]:
+    """Hex key of everything that decides the tokens: the data (``datasets``' fingerprint of the
+    loaded, filtered split: files, their modification times, the hub revision, filter_fn), the
+    tokenizer (its pickled state: model, special tokens, chat template), the format, column_map
+    and truncation settings. None if the tokenizer cannot be hashed (then nothing is cached)."""
+    from datasets.fingerprint import Hasher
+
+    try:
+        tok = Hasher.hash(encoder.tokenizer)
+    except Exception as e:  # e.g. a tokenizer holding an unpicklable handle
+        log.warning("cannot hash the tokenizer (%s: %s); the tokenized data will not be cached", type(e).__name__, e)
+        return None
+    payload = {
+        "version": _CACHE_VERSION,
+        "data": data_fingerprint,
+        "tokenizer": [type(encoder.tokenizer).__module__, type(encoder.tokenizer).__qualname__, tok],
+        "settings": encoder.settings(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()[:24]
+
+
+class _NodeBuilderFirst:
+    """Under ``torch.distributed``: the node's first rank (``LOCAL_RANK`` 0) runs the block
+    first, the node's other ranks wait at a barrier and run it after (then it reads the cache
+    the builder wrote). Every rank calls the barrier exactly once, also when the builder's block
+    raises (the others then run it themselves and meet the same error). Without an initialized
+    process group of more than one rank it does nothing. So under torch.distributed every rank
+    must build the same data sets in the same order (the recipes do), or the barrier waits."""
+
+    def __enter__(self) -> "_NodeBuilderFirst":
+        self.on = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        self.builder = True
+        if self.on:
+            self.builder = int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())) == 0
+            if not self.builder:
+                torch.distributed.barrier()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.on and self.builder:
+            torch.distributed.barrier()
+
+
+def _is_rank_zero() -> bool:
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+
+class _ProgressBars:
+    """datasets' tqdm bars on a terminal only (in a log file they are noise); restores the
+    global setting after."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+
+    def __enter__(self) -> None:
+        self.was = datasets.utils.logging.is_progress_bar_enabled()
+        (datasets.enable_progress_bars if self.show else datasets.disable_progress_bars)()
+
+    def __exit__(self, *exc: Any) -> None:
+        (datasets.enable_progress_bars if self.was else datasets.disable_progress_bars)()
+
+
+def _load_raw(
+    source: str, split: str, filter_fn: Optional[Callable], kwargs: Dict[str, Any], on_bad_example: str = "drop"
+) -> Tuple[Any, Dict[int, str]]:
+    """(the raw split, {row: message} of JSON Lines lines that are not JSON objects)."""
+    files = kwargs.get("data_files")
+    # Empty files and JSON Lines lines that are not JSON objects, before `datasets` sees them
+    # (it fails on both without naming the file or line): an error, or (drop) such lines are
+    # replaced by `{}` in a temporary copy and counted as bad rows ("invalid JSON").
+    scratch = tempfile.TemporaryDirectory(prefix="prefopt_jsonl_")
+    load_files, unparsable = scan_json_lines(source, files, on_bad_example, scratch=Path(scratch.name))
+    if unparsable:
+        kwargs = {**kwargs, "data_files": load_files}
+    try:
+        data = load_dataset(source, split=split, **kwargs)
+    except Exception as e:
+        # `datasets` fails deep inside pyarrow on text it cannot decode; find the line.
+        found = _undecodable_in_files(source, files)
+        if found is None:
+            raise
+        # Always an error, also with on_bad_example=drop: the file does not load, so there
+        # is no row to drop. Fix or delete that line.
+        raise BadExample(f"{found}; the file cannot be loaded, fix or delete that line", "undecodable text") from e
+    finally:
+        scratch.cleanup()  # `datasets` has its own copy (its Arrow cache) now
+    if filter_fn is not None:
+        data = data.filter(filter_fn)
+    return data, unparsable
+
+
+def _read_manifest(folder: Path) -> Optional[datasets.Dataset]:
+    """The cached tokens in ``folder`` (memory-mapped), or None if it holds no complete build."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        parts = [datasets.Dataset.from_file(str(folder / f)) for f in manifest["files"]]
+    except (OSError, ValueError, KeyError):
+        return None
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return ds if len(ds) == manifest["rows"] else None
+
+
+def _tokenize(
+    raw: Any, encoder: _PairEncoder, *, num_proc: Optional[int], cache_dir: Optional[Union[str, Path]]
+) -> Tuple[datasets.Dataset, Dict[str, Any]]:
+    """Every row of ``raw`` through ``encoder`` (bad rows included, marked), from the cache when
+    a build with the same key is there, else built with ``Dataset.map`` and cached.
+
+    Returns:
+        (tokens, info): a memory-mapped Dataset of :data:`_FEATURES` columns, one row per source
+        row; info has ``cache`` ("hit", "built", or None when not cached), ``path``, ``num_proc``.
+    """
+    if not isinstance(raw, datasets.Dataset):
+        # A loader that hands over Python rows (not Arrow): tokenized in memory, not cached.
+        rows = list(raw)
+        return datasets.Dataset.from_dict(encoder.encode_rows(rows, range(len(rows))), features=_FEATURES), {"cache": None}
+    missing = sorted(set(encoder.cols.values()) - set(raw.column_names))
+    if missing:
+        raise ValueError(
+            f"{encoder.source_name}: no column {', '.join(map(repr, missing))} (columns: {raw.column_names}); format "
+            f"{encoder.format!r} reads {FORMATS[encoder.format]}: set format, or column_map to rename them"
+        )
+    encoder.features = raw.features
+    n_proc = max(1, min(num_proc or default_num_proc(), len(raw) // _MIN_ROWS_PER_PROC))
+    key = _cache_key(raw._fingerprint, encoder)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / "preference" / key if key else None
+    if final is not None:
+        hit = _read_manifest(final)
+        if hit is not None:
+            return hit, {"cache": "hit", "path": str(final), "num_proc": 0}
+    tmp = root / "preference" / f"{key or 'uncached'}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        out = raw.with_format("arrow").map(
+            encoder,
+            batched=True,
+            with_indices=True,
+            remove_columns=raw.column_names,
+            features=_FEATURES,
+            num_proc=n_proc if n_proc > 1 else None,
+            cache_file_name=str(tmp / "tokens.arrow"),
+            load_from_cache_file=False,  # our key decides; datasets would hash the tokenizer again
+            new_fingerprint=key or None,
+            desc=f"tokenizing {encoder.source_name}",
+        )
+        files = [os.path.basename(f["filename"]) for f in out.cache_files]
+        (tmp / "manifest.json").write_text(json.dumps({"rows": len(out), "files": files, "num_proc": n_proc}))
+        del out
+        if final is None:
+            return _read_manifest(tmp), {"cache": None, "path": str(tmp), "num_proc": n_proc}
+        try:
+            tmp.rename(final)  # atomic: a reader sees a complete build or none
+        except OSError:  # another process (another node's builder on a shared disk) was first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ds = _read_manifest(final)
+    if ds is None:
+        raise RuntimeError(f"{final}: the tokenized data just written cannot be read back")
+    return ds, {"cache": "built", "path": str(final), "num_proc": n_proc}
+
+
+def padding_share(chosen_lens: np.ndarray, rejected_lens: np.ndarray, batch_size: int, seed: int = 0) -> float:
+    """Share of the tokens of :func:`padded_collate_preference` batches that are padding, for
+    batches of ``batch_size`` pairs drawn in a seeded random order (as a shuffling sampler
+    does; the last partial batch is left out). Pure.
+
+    Args:
+        chosen_lens, rejected_lens (np.ndarray): [n] tokens of each pair's two sequences.
+        batch_size (int): pairs per batch (each batch is 2 * batch_size rows).
+
+    Returns:
+        float: padding tokens / all tokens, 0.0 if there is not one full batch.
+    """
+    n = len(chosen_lens) // batch_size * batch_size
+    if n == 0:
+        return 0.0
+    perm = np.random.default_rng(seed).permutation(len(chosen_lens))[:n]
+    c = np.asarray(chosen_lens)[perm].reshape(-1, batch_size)
+    r = np.asarray(rejected_lens)[perm].reshape(-1, batch_size)
+    longest = np.maximum(c.max(1), r.max(1)).astype(np.int64)
+    real = c.sum(dtype=np.int64) + r.sum(dtype=np.int64)
+    return float(1.0 - real / (longest.sum() * 2 * batch_size))
+
+
+def _percentiles(x: np.ndarray) -> str:
+    if len(x) == 0:
+        return "-"
+    p = np.percentile(x, [50, 90, 99])
+    return f"{p[0]:>7.0f} {p[1]:>7.0f} {p[2]:>7.0f} {x.max():>7d}"
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Preference pairs, tokenized once with ``datasets`` into memory-mapped Arrow files and
+    checked row by row: rows that cannot become a pair with at least one response token on each
+    side are dropped and counted in one log line, or raise (``on_bad_example="error"``) with the
+    source, row index and field in the message.
+
+    Why not torchtune's ``PreferenceDataset``: it tokenizes lazily and truncates only at the
+    end of the sequence (cutting responses to nothing and leaving rows that give NaN average
+    log-probs later); SimPO needs princeton's prompt-first truncation and a guarantee that every
+    kept row is scorable, hence a check of every row before training, which at real scale has
+    to be parallel (``num_proc``), cached, and shared by the ranks of a node.
+
+    The tokens live in Arrow files under ``<cache_dir>/preference/<key>/`` (``key``: the data,
+    the tokenizer, the format and the truncation settings); a second start with the same inputs
+    maps them in well under a second, a changed input builds a new folder. Under torchrun the
+    node's first rank builds while its other ranks wait, then all map the same files (the page
+    cache holds them once per machine).
+
+    Items are dicts of ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
+    ``rejected_labels`` (lists of ints: the prompt then the response; the prompt's labels are
+    ``CROSS_ENTROPY_IGNORE_IDX``) and ``row`` (the source row). Attributes: ``dropped`` (Counter
+    of reasons), ``cache_info``, ``summary`` (the start-up text). Args: see
+    :func:`preference_dataset`.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        tokenizer: ModelTokenizer,
+        format: str = "messages",
+        column_map: Optional[Dict[str, str]] = None,
+        train_on_input: bool = False,
+        new_system_prompt: Optional[str] = None,
+        filter_fn: Optional[Callable] = None,
+        max_seq_len: Optional[int] = None,
+        max_prompt_len: Optional[int] = None,
+        prompt_truncation: str = "keep_end",
+        on_bad_example: str = "drop",
+        split: str = "train",
+        num_proc: Optional[int] = None,
+        cache_dir: Optional[Union[str, Path]] = None,
+        batch_size: Optional[int] = None,
+        **load_dataset_kwargs: Any,
+    ) -> None:
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {tuple(FORMATS)}, got {format!r}")
+        unknown = sorted(set(column_map or {}) - set(FORMATS[format]))
+        if unknown:
+            raise ValueError(f"column_map: {unknown} are not columns of format {format!r}, which reads {FORMATS[format]}")
+        if prompt_truncation not in _PROMPT_TRUNCATION:
+            raise ValueError(f"prompt_truncation must be one of {_PROMPT_TRUNCATION}, got {prompt_truncation!r}")
+        if on_bad_example not in _ON_BAD:
+            raise ValueError(f"on_bad_example must be one of {_ON_BAD}, got {on_bad_example!r}")
+        if max_seq_len is not None and max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        if max_prompt_len is not None and max_seq_len is not None and max_prompt_len >= max_seq_len:
+            raise ValueError(
+                f"max_prompt_len ({max_prompt_len}) must be smaller than max_seq_len ({max_seq_len}) "
+                "to leave room for the responses"
+            )
+        if train_on_input:
+            raise ValueError(
+                "train_on_input=True would score the prompt as part of each response; SimPO's "
+                "reward is the response's average log-prob, so it must be False"
+            )
+        if num_proc is not None and num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+        files = load_dataset_kwargs.get("data_files")
+        self.source_name = f"{source}:{files}" if files else f"{source}[{split}]"
+        self.format = format
+        self.max_seq_len = max_seq_len
+        self.max_prompt_len = max_prompt_len
+        self.prompt_truncation = prompt_truncation
+        self._tokenizer = tokenizer
+        encoder = _PairEncoder(
+            tokenizer=tokenizer,
+            format=format,
+            column_map={**{c: c for c in FORMATS[format]}, **(column_map or {})},
+            new_system_prompt=new_system_prompt,
+            max_seq_len=max_seq_len,
+            max_prompt_len=max_prompt_len,
+            prompt_truncation=prompt_truncation,
+            source_name=self.source_name,
+        )
+        t0 = time.perf_counter()
+        with _NodeBuilderFirst(), _ProgressBars(sys.stderr.isatty()):
+            raw, unparsable = _load_raw(source, split, filter_fn, load_dataset_kwargs, on_bad_example)
+            tokens, self.cache_info = _tokenize(raw, encoder, num_proc=num_proc, cache_dir=cache_dir)
+            del raw
+        # JSON parsing and the map's writer leave freed buffers in Arrow's allocator (~100 MB
+        # for 60k UltraFeedback rows); hand them back, the tokens are memory-mapped.
+        pa.default_memory_pool().release_unused()
+        self.cache_info["seconds"] = time.perf_counter() - t0
+
+        import pyarrow.compute as pc
+
+        table = tokens.data
+        ok = pc.equal(table.column("bad"), "").to_numpy(zero_copy_only=False)
+        self._keep = np.flatnonzero(ok)
+        bad = np.flatnonzero(~ok)
+        self.num_rows = len(ok)
+        reasons = tokens.select(bad)["bad"] if len(bad) else []
+        if unparsable:  # lines replaced by {} before loading: count them as what they were
+            rows = tokens.select(bad)["row"]
+            reasons = ["invalid JSON" if r in unparsable else why for r, why in zip(rows, reasons)]
+        self.dropped: Counter = Counter(reasons)
+        if len(bad) and on_bad_example == "error":
+            first = tokens[int(bad[0])]  # the first bad row, in row order (shards are contiguous)
+            raise BadExample(f"{self.source_name}: {first['error']}", first["bad"])
+        self._tokens = tokens.select_columns(["row", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_masked", "rejected_masked"])
+        if self.dropped and _is_rank_zero():
+            log.warning(
+                "%s: dropped %d of %d rows (%s); set on_bad_example=error to stop at the first one",
+                self.source_name,
+                sum(self.dropped.values()),
+                self.num_rows,
+                ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())),
+            )
+        if not len(self._keep):
+            raise ValueError(f"{self.source_name}: no usable preference pairs (dropped: {dict(self.dropped)})")
+        self._lengths = self._read_lengths(table)
+        self.summary = self._summarize(batch_size)
+        if _is_rank_zero():
+            _info(self.summary)
+
+    def lengths(self) -> Dict[str, np.ndarray]:
+        """Token counts of the kept pairs, in item order: ``prompt``, ``chosen``, ``rejected``
+        (after truncation; the responses without the prompt) and ``{prompt,chosen,rejected}_full``
+        (before truncation). Each [len(self)] int64 (a copy)."""
+        return {k: v.copy() for k, v in self._lengths.items()}
+
+    def _read_lengths(self, table: Any) -> Dict[str, np.ndarray]:
+        # list lengths come from the Arrow offsets: no token is read
+        import pyarrow.compute as pc
+
+        out = {}
+        for k in ("prompt", "chosen", "rejected"):
+            out[k] = pc.list_value_length(table.column(f"{k}_ids")).to_numpy().astype(np.int64)[self._keep]
+            out[f"{k}_full"] = table.column(f"{k}_len").to_numpy().astype(np.int64)[self._keep]
+        return out
+
+    def _summarize(self, batch_size: Optional[int]) -> str:
+        L = self._lengths
+        n = len(self._keep)
+        truncated = int(np.sum((L["prompt"] < L["prompt_full"]) | (L["chosen"] < L["chosen_full"]) | (L["rejected"] < L["rejected_full"])))
+        dropped = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
+        c = self.cache_info
+        where = {"hit": "read from the cache", "built": f"tokenized ({c.get('num_proc')} process(es)) and cached", None: "tokenized (not cached)"}[c["cache"]]
+        lines = [
+            f"{self.source_name} (format {self.format}): {n} pairs kept of {self.num_rows}; dropped: {dropped}",
+            f"  {where} in {c['seconds']:.1f} s" + (f": {c['path']}" if c.get("path") else ""),
+            "  tokens before truncation     p50     p90     p99     max",
+            f"    prompt                 {_percentiles(L['prompt_full'])}",
+            f"    chosen                 {_percentiles(L['chosen_full'])}",
+            f"    rejected               {_percentiles(L['rejected_full'])}",
+            f"  truncated: {truncated} pairs ({100 * truncated / n:.1f}%) at max_seq_len={self.max_seq_len}, max_prompt_len={self.max_prompt_len}",
+        ]
+        if batch_size:
+            share = padding_share(L["prompt"] + L["chosen"], L["prompt"] + L["rejected"], batch_size)
+            lines.append(f"  padding: {100 * share:.1f}% of the tokens of a padded batch of {batch_size} pairs")
+        return "\n".join(lines)
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        r = self._tokens[int(self._keep[index])]
+        prompt = r["prompt_ids"]
+        out: Dict[str, Any] = {}
+        for key in ("chosen", "rejected"):
+            resp = r[f"{key}_ids"]
+            labels = list(resp)
+            for j in r[f"{key}_masked"]:
+                labels[j] = CROSS_ENTROPY_IGNORE_IDX
+            out[f"{key}_input_ids"] = prompt + resp
+            out[f"{key}_labels"] = [CROSS_ENTROPY_IGNORE_IDX] * len(prompt) + labels
+        out["row"] = r["row"]
+        return out
+
+
+def _info(text: str) -> None:
+    # Like torchtune's get_logger: a handler of our own only when logging is not configured,
+    # so that the summary shows under `tune run` (which configures torchtune's logger only).
+    if not log.hasHandlers():
+        log.addHandler(logging.StreamHandler())
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.info(text)
+
+
 def preference_dataset(
     tokenizer: ModelTokenizer,
     *,
     source: str,
+    format: str = "messages",
     column_map: Optional[Dict[str, str]] = None,
     train_on_input: bool = False,
     new_system_prompt: Optional[str] = None,
@@ -493,17 +1027,24 @@ def preference_dataset(
     max_prompt_len: Optional[int] = None,
     prompt_truncation: str = "keep_end",
     on_bad_example: str = "drop",
+    num_proc: Optional[int] = None,
+    cache_dir: Optional[str] = None,
+    batch_size: Optional[int] = None,
     **load_dataset_kwargs: Any,
 ) -> PreferenceDataset:
-    """Builder with ``torchtune.datasets.preference_dataset``'s arguments plus truncation.
+    """Builder with ``torchtune.datasets.preference_dataset``'s arguments plus the format,
+    truncation, and the tokenization's processes and cache.
 
     Args:
         tokenizer (ModelTokenizer): the model's tokenizer (adds BOS/EOS and the chat template).
             Leave its own ``max_seq_len`` unset (or larger): it cuts the end of the sequence
             before this builder's prompt-first truncation can act.
         source (str): hub name, or ``json``/``csv``/``parquet``/... with ``data_files``.
-        column_map (Optional[Dict[str, str]]): ``{"chosen": col, "rejected": col}``; each column
-            holds a list of ``{"role", "content"}`` messages sharing the same prompt.
+        format (str): how a row holds the pair: ``"messages"`` (default; torchtune's /
+            HuggingFaceH4's), ``"trl_conversational"``, ``"trl_strings"`` or ``"princeton"``
+            (see the module docstring).
+        column_map (Optional[Dict[str, str]]): ``{format's column: file's column}`` where the
+            names differ, e.g. ``{"chosen": "better", "rejected": "worse"}``.
         train_on_input (bool): must be False (kept for torchtune signature compatibility).
         new_system_prompt (Optional[str]): replaces any system message.
         filter_fn (Optional[Callable]): ``datasets`` filter applied before anything else (row
@@ -513,11 +1054,18 @@ def preference_dataset(
         max_prompt_len (Optional[int]): prompt limit applied when the pair is too long
             (princeton's ``max_prompt_length``).
         prompt_truncation (str): ``"keep_end"`` (default, princeton) or ``"keep_start"``.
-        on_bad_example (str): ``"drop"`` (count and log) or ``"error"`` (raise at the first one).
-            Text that is not UTF-8 inside a JSON Lines string is such a row ("undecodable
-            text"). A file that ``datasets`` cannot load at all (a lone surrogate escape such
-            as ``"\\ud800"``, bad bytes in a JSON array file) is always an error, naming the
-            file, line, row and field: there is no row to drop.
+        on_bad_example (str): ``"drop"`` (count and log) or ``"error"`` (raise the first one,
+            in row order, after the whole split is checked). Text that is not UTF-8 inside a
+            JSON Lines string is such a row ("undecodable text"). A file that ``datasets``
+            cannot load at all (a lone surrogate escape such as ``"\\ud800"``, bad bytes in a
+            JSON array file) is always an error, naming the file, line, row and field: there is
+            no row to drop.
+        num_proc (Optional[int]): processes that tokenize (default: the cores this process may
+            use; one below 2,000 rows per process). The cache does not depend on it.
+        cache_dir (Optional[str]): where tokenized data is cached (default
+            :func:`default_cache_dir`: ``$PREFOPT_CACHE_DIR`` or ``~/.cache/prefopt``).
+        batch_size (Optional[int]): pairs per padded batch, only for the start-up summary's
+            padding figure (configs pass ``${batch_size}``); the data do not depend on it.
         **load_dataset_kwargs: passed to ``datasets.load_dataset`` (``data_files``, ...).
 
     Returns:
@@ -525,13 +1073,15 @@ def preference_dataset(
         ``rejected_input_ids``, ``rejected_labels`` (lists of ints) and ``row`` (source row).
 
     Raises:
-        ValueError: on bad arguments, if no row is usable, or (``on_bad_example="error"``) on the
-            first bad row, naming source, row and field; :class:`BadExample` (a ValueError) for
-            a file with undecodable text that does not load.
+        ValueError: on bad arguments, a column the format needs that the split lacks, if no row
+            is usable, or (``on_bad_example="error"``) for the first bad row, naming source, row
+            and field; :class:`BadExample` (a ValueError) for a file with undecodable text that
+            does not load.
     """
     return PreferenceDataset(
         source=source,
         tokenizer=tokenizer,
+        format=format,
         column_map=column_map,
         train_on_input=train_on_input,
         new_system_prompt=new_system_prompt,
@@ -541,6 +1091,9 @@ def preference_dataset(
         prompt_truncation=prompt_truncation,
         on_bad_example=on_bad_example,
         split=split,
+        num_proc=num_proc,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
         **load_dataset_kwargs,
     )
 
@@ -550,7 +1103,7 @@ def padded_collate_preference(
     padding_idx: int = 0,
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
     pad_to_multiple_of: int = 1,
-) -> Dict[str, torch.Tensor]:
+) -> Dict[str, Any]:
     """Concatenate chosen then rejected rows into one right-padded batch for a single forward.
 
     Same layout as torchtune's ``padded_collate_dpo`` (rows ``[:b]`` chosen, ``[b:]`` rejected),
@@ -558,7 +1111,7 @@ def padded_collate_preference(
     step) and ``pad_to_multiple_of`` (fewer distinct shapes under ``torch.compile``).
 
     Args:
-        batch: items of :class:`PreferenceDataset`.
+        batch: items of :class:`PreferenceDataset` (token sequences as lists or numpy arrays).
         padding_idx (int): token id for padding.
         ignore_idx (int): label for padding.
         pad_to_multiple_of (int): round the padded length up to a multiple of this.
@@ -572,8 +1125,8 @@ def padded_collate_preference(
     Raises:
         ValueError: naming the rows of the batch with no scored token.
     """
-    ids = [torch.tensor(ex[f"{k}_input_ids"]) for k in ("chosen", "rejected") for ex in batch]
-    labels = [torch.tensor(ex[f"{k}_labels"]) for k in ("chosen", "rejected") for ex in batch]
+    ids = [torch.as_tensor(ex[f"{k}_input_ids"], dtype=torch.long) for k in ("chosen", "rejected") for ex in batch]
+    labels = [torch.as_tensor(ex[f"{k}_labels"], dtype=torch.long) for k in ("chosen", "rejected") for ex in batch]
     tokens = pad_sequence(ids, batch_first=True, padding_value=padding_idx)
     labels_t = pad_sequence(labels, batch_first=True, padding_value=ignore_idx)
     extra = -tokens.shape[1] % pad_to_multiple_of

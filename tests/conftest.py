@@ -10,6 +10,11 @@ TINY = REPO / "prefopt" / "assets" / "tiny"
 # Tests never reach a hub: everything they use ships with the repo or is made in tmp_path.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# ...and never write tokenized data into the user's cache (tune_run's subprocesses inherit it).
+if "PREFOPT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["PREFOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="prefopt-test-cache-")
 
 
 # Test tiers: every test is in exactly one. ``unit`` (math, unit, in-process) is every test not

@@ -248,8 +248,12 @@ def test_components_build(path):
                 assert args.get("prompt_truncation", "keep_end") in pdata._PROMPT_TRUNCATION
                 assert args.get("on_bad_example", "drop") in pdata._ON_BAD
                 assert not args.get("train_on_input", False)
+                fmt = args.get("format", "messages")
+                assert fmt in pdata.FORMATS, f"{key}.format {fmt!r}"
+                if is_real(path):
+                    assert "format" in args, f"{key}: a real config names the format it reads"
                 if args.get("column_map") is not None:
-                    assert set(args["column_map"]) == {"chosen", "rejected"}, f"{key}.column_map"
+                    assert set(args["column_map"]) <= set(pdata.FORMATS[fmt]), f"{key}.column_map"
                 msl, mpl = args.get("max_seq_len"), args.get("max_prompt_len")
                 if msl is not None and mpl is not None:
                     assert mpl < msl, f"{key}: max_prompt_len must be < max_seq_len"

@@ -1,7 +1,9 @@
 """Tier 1: preference data: truncation, validation of rows, collate."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,11 +195,11 @@ def test_find_undecodable_text_passes_valid_text(tmp_path):
 def test_lone_surrogate_reaching_a_row_is_a_bad_example(tmp_path, tiny_tokenizer, monkeypatch):
     """A loader that hands over Python strings with a lone surrogate (none of the `datasets`
     formats can: they store UTF-8) gets the row check: no tokenizer can encode such text."""
-    import torchtune.datasets._preference as tt_pref
+    import prefopt.data as pdata
 
     rows = json.loads(json.dumps(ROWS))
     rows[2]["chosen"][0]["content"] += "\udfff"
-    monkeypatch.setattr(tt_pref, "load_dataset", lambda *a, **k: rows)
+    monkeypatch.setattr(pdata, "load_dataset", lambda *a, **k: rows)
     with pytest.raises(BadExample) as e:
         preference_dataset(tiny_tokenizer, source="my/hub-set", split="train", on_bad_example="error")
     assert str(e.value) == (
@@ -206,3 +208,221 @@ def test_lone_surrogate_reaching_a_row_is_a_bad_example(tmp_path, tiny_tokenizer
     )
     ds = preference_dataset(tiny_tokenizer, source="my/hub-set", split="train")
     assert ds.dropped == {"undecodable text": 1} and len(ds) == 3
+
+
+# ---- formats: each on a small local file in that exact schema --------------------------------
+
+Q, A, B = "Where are the keys?", "The keys are in the garden.", "No, not there."
+SYSTEM = "You answer in one sentence."
+
+
+def reference(tok, prompt=Q, chosen=A, rejected=B, system=None):
+    """The torchtune/H4 `messages` format's item for one pair (today's tokens)."""
+    head = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    row = {"chosen": head + [{"role": "assistant", "content": chosen}], "rejected": head + [{"role": "assistant", "content": rejected}]}
+    return row
+
+
+def items(ds):
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_format_messages_h4_schema(tmp_path, tiny_tokenizer):
+    # HuggingFaceH4/ultrafeedback_binarized's columns; only chosen / rejected are read
+    row = {"prompt": Q, "prompt_id": "ab" * 32, **reference(tiny_tokenizer), "messages": reference(tiny_tokenizer)["chosen"],
+           "score_chosen": 8.0, "score_rejected": 3.0}
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, [row]), format="messages", cache_dir=str(tmp_path / "c"))
+    ex = ds[0]
+    want_prompt = [tiny_tokenizer.bos_id] + tiny_tokenizer.encode(Q, add_bos=False, add_eos=False)
+    n = len(want_prompt)
+    assert ex["chosen_input_ids"][:n] == want_prompt == ex["rejected_input_ids"][:n]
+    assert ex["chosen_labels"] == [-100] * n + ex["chosen_input_ids"][n:]
+    assert ex["chosen_input_ids"][-1] == tiny_tokenizer.eos_id
+    assert tiny_tokenizer.decode(ex["rejected_input_ids"][n:]).strip() == B
+    assert (n, len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])) == (13, 13 + 16, 13 + 10)
+
+
+def test_format_trl_conversational(tmp_path, tiny_tokenizer):
+    # trl-lib/ultrafeedback_binarized: prompt = message list, chosen / rejected = the response only
+    rows = [
+        {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q}],
+         "chosen": [{"role": "assistant", "content": A}], "rejected": [{"role": "assistant", "content": B}], "score_chosen": 9.0, "score_rejected": 2.0},
+        {"prompt": [{"role": "user", "content": Q}], "chosen": [{"role": "assistant", "content": A}], "rejected": [{"role": "assistant", "content": "  "}], "score_chosen": 9.0, "score_rejected": 2.0},
+    ]
+    f = write(tmp_path, rows)
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=f, format="trl_conversational", cache_dir=str(tmp_path / "c"))
+    ref = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, [reference(tiny_tokenizer, system=SYSTEM)], "ref.jsonl"), cache_dir=str(tmp_path / "c"))
+    assert items(ds) == items(ref) and ds.dropped == {"empty response": 1}
+    with pytest.raises(BadExample, match=r"row 1, field 'rejected': has no non-empty assistant message"):
+        preference_dataset(tiny_tokenizer, source="json", data_files=f, format="trl_conversational", on_bad_example="error", cache_dir=str(tmp_path / "c"))
+
+
+def test_format_trl_strings_raw_and_with_a_chat_template(tmp_path, tiny_tokenizer):
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    # TRL's standard format with plain text, under other column names (column_map)
+    rows = [{"question": Q, "good": A, "bad": B}, {"question": Q, "good": A, "bad": 7}]
+    f = write(tmp_path, rows)
+    kw = dict(source="json", data_files=f, format="trl_strings", column_map={"prompt": "question", "chosen": "good", "rejected": "bad"},
+              cache_dir=str(tmp_path / "c"))
+    with pytest.raises(BadExample, match=r"row 1, field 'bad': expected a string, got int"):
+        preference_dataset(tiny_tokenizer, on_bad_example="error", **kw)
+    ds = preference_dataset(tiny_tokenizer, **kw)  # prompt_template None: raw concatenation, as `messages` gives
+    ref = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, [reference(tiny_tokenizer)], "ref.jsonl"), cache_dir=str(tmp_path / "c"))
+    assert items(ds) == items(ref) and ds.dropped == {"wrong type": 1}
+    # the model's chat template applies to the strings
+    chat = llama2_tokenizer(str(TINY_TOK), max_seq_len=None, prompt_template="torchtune.models.llama2.Llama2ChatTemplate")
+    ex = preference_dataset(chat, **kw)[0]
+    n = ex["chosen_labels"].count(-100)
+    assert chat.decode(ex["chosen_input_ids"][:n]).strip() == f"[INST] {Q} [/INST]"
+    assert chat.decode(ex["chosen_input_ids"][n:]).strip() == A
+
+
+def test_format_princeton_on_policy(tmp_path, tiny_tokenizer):
+    # princeton-nlp/llama3-ultrafeedback-armorm: prompt string, message lists with the prompt turn;
+    # a list holding only the response gets the prompt string as the user turn
+    full = reference(tiny_tokenizer)
+    rows = [
+        {"prompt_id": "0" * 64, "prompt": Q, "all_generated_responses": [A, B, "x", "y", "z"], "all_rm_scores": [0.1, 0.05, 0.0, 0.0, 0.0],
+         "chosen": full["chosen"], "rejected": full["rejected"]},
+        {"prompt_id": "1" * 64, "prompt": Q, "all_generated_responses": [A, B], "all_rm_scores": [0.1, 0.05],
+         "chosen": full["chosen"][1:], "rejected": full["rejected"][1:]},
+    ]
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, rows), format="princeton", cache_dir=str(tmp_path / "c"))
+    ref = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, [full], "ref.jsonl"), cache_dir=str(tmp_path / "c"))
+    want = {k: v for k, v in ref[0].items() if k != "row"}
+    assert [{k: v for k, v in ex.items() if k != "row"} for ex in items(ds)] == [want, want]
+    assert [ex["row"] for ex in items(ds)] == [0, 1]
+
+
+def test_format_column_missing_from_the_file_is_one_clear_error(tmp_path, tiny_tokenizer):
+    f = write(tmp_path, [reference(tiny_tokenizer)])
+    with pytest.raises(ValueError, match=r"no column 'prompt' .*format 'trl_strings' reads \('prompt', 'chosen', 'rejected'\)"):
+        preference_dataset(tiny_tokenizer, source="json", data_files=f, format="trl_strings", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="format must be one of"):
+        preference_dataset(tiny_tokenizer, source="json", data_files=f, format="sharegpt")
+    with pytest.raises(ValueError, match=r"column_map: \['prompt'\] are not columns of format 'messages'"):
+        preference_dataset(tiny_tokenizer, source="json", data_files=f, column_map={"prompt": "q"})
+
+
+# ---- the cache ------------------------------------------------------------------------------
+
+TINY_TOK = Path(__file__).resolve().parents[1] / "prefopt" / "assets" / "tiny" / "tokenizer.model"
+
+
+@pytest.fixture
+def count_tokenizer_calls(monkeypatch, tiny_tokenizer):
+    """How many conversations the tokenizer was asked for (patched on the class: the tokenizer's
+    pickled state, which the cache key hashes, stays the same)."""
+    calls = []
+    cls = type(tiny_tokenizer)
+    orig = cls.tokenize_messages
+    monkeypatch.setattr(cls, "tokenize_messages", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    return calls
+
+
+def test_cache_hit_reads_without_tokenizing_and_changes_rebuild(tmp_path, tiny_tokenizer, count_tokenizer_calls):
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    rows = [pair(f"Question {i}?", f"The good answer {i}.", f"Bad {i}.") for i in range(10)] + [pair("Q?", "same", "same")]
+    f = write(tmp_path, rows)
+    cache = tmp_path / "cache"
+    kw = dict(source="json", data_files=f, max_seq_len=64, max_prompt_len=32, cache_dir=str(cache))
+    first = preference_dataset(tiny_tokenizer, **kw)
+    assert first.cache_info["cache"] == "built" and len(count_tokenizer_calls) == 22  # 11 rows x 2 sides
+    second = preference_dataset(tiny_tokenizer, **kw)
+    assert second.cache_info == {**second.cache_info, "cache": "hit", "path": first.cache_info["path"]}
+    assert len(count_tokenizer_calls) == 22  # read from the cache: not tokenized again
+    assert items(second) == items(first) and len(second) == 10 and second.dropped == {"identical responses": 1}
+    # error mode reads the same cache and raises the first bad row
+    with pytest.raises(BadExample, match="row 10, field 'rejected': chosen and rejected responses are identical"):
+        preference_dataset(tiny_tokenizer, on_bad_example="error", **kw)
+    assert len(count_tokenizer_calls) == 22
+    # num_proc / batch_size do not change the tokens: still a hit
+    assert preference_dataset(tiny_tokenizer, num_proc=2, batch_size=4, **kw).cache_info["cache"] == "hit"
+    # a changed truncation, template, tokenizer or data rebuilds
+    assert preference_dataset(tiny_tokenizer, **{**kw, "max_seq_len": 48}).cache_info["cache"] == "built"
+    chat = llama2_tokenizer(str(TINY_TOK), max_seq_len=None, prompt_template="torchtune.models.llama2.Llama2ChatTemplate")
+    assert preference_dataset(chat, **kw).cache_info["cache"] == "built"
+    assert preference_dataset(tiny_tokenizer, new_system_prompt="Be brief.", **kw).cache_info["cache"] == "built"
+    n = len(count_tokenizer_calls)
+    rows[3] = pair("Question 3?", "A changed good answer.", "Bad 3.")
+    write(tmp_path, rows)
+    changed = preference_dataset(tiny_tokenizer, **kw)
+    assert changed.cache_info["cache"] == "built" and len(count_tokenizer_calls) == n + 22
+    assert changed[3] != first[3] and changed[4] == first[4]
+    assert len(list((cache / "preference").iterdir())) == 5  # one folder per distinct input, no leftovers
+
+
+def test_num_proc_gives_the_same_items(tmp_path, tiny_tokenizer):
+    rows = [pair(f"Question {i}?", f"The good answer {i}.", f"Bad {i}.") for i in range(4000)]
+    rows[2500] = {"chosen": [], "rejected": []}  # a bad row in the second shard
+    f = write(tmp_path, rows)
+    one = preference_dataset(tiny_tokenizer, source="json", data_files=f, num_proc=1, cache_dir=str(tmp_path / "a"))
+    two = preference_dataset(tiny_tokenizer, source="json", data_files=f, num_proc=2, cache_dir=str(tmp_path / "b"))
+    assert two.cache_info["num_proc"] == 2 and len(list(Path(two.cache_info["path"]).glob("*.arrow"))) == 2
+    assert len(two) == 3999 and two.dropped == {"wrong type": 1}
+    assert [two[i] for i in (0, 2499, 2500, 3998)] == [one[i] for i in (0, 2499, 2500, 3998)]
+    assert two[2500]["row"] == 2501
+
+
+def _rank_builds(rank, world, init, f, cache, out):
+    import os
+    import torch.distributed as dist
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    tok = llama2_tokenizer(str(TINY_TOK), max_seq_len=None, prompt_template=None)
+    ds = preference_dataset(tok, source="json", data_files=f, cache_dir=cache)
+    Path(out, f"{rank}.json").write_text(json.dumps({"cache": ds.cache_info["cache"], "path": ds.cache_info["path"], "first": ds[0]}))
+    dist.destroy_process_group()
+
+
+def test_one_rank_builds_the_others_read_its_cache(tmp_path):
+    import torch.multiprocessing as mp
+
+    f = write(tmp_path, ROWS)
+    # fork: the children inherit the imports (spawn took ~20 s on 2 busy cores)
+    args = (2, f"file://{tmp_path / 'pg'}", f, str(tmp_path / "cache"), str(tmp_path))
+    mp.start_processes(_rank_builds, args=args, nprocs=2, start_method="fork")
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert (r0["cache"], r1["cache"]) == ("built", "hit")  # rank 1 waited, then mapped rank 0's files
+    assert r0["path"] == r1["path"] and r0["first"] == r1["first"]
+
+
+# ---- the start-up summary ---------------------------------------------------------------------
+
+
+def test_padding_share_by_hand():
+    from prefopt.data import padding_share
+
+    # one batch of 2 pairs: rows 4, 2 (chosen) and 1, 3 (rejected), padded to 4: 6 pad of 16
+    assert padding_share(np.array([4, 2]), np.array([1, 3]), 2) == pytest.approx(6 / 16)
+    assert padding_share(np.array([5, 5, 5]), np.array([5, 5, 5]), 1) == 0.0
+    assert padding_share(np.array([5]), np.array([5]), 2) == 0.0  # no full batch
+
+
+def test_summary_counts_lengths_truncation_and_padding(tmp_path, tiny_tokenizer):
+    long_prompt = " ".join(f"word{i}" for i in range(60)) + " Where are the keys?"
+    rows = [pair(long_prompt, "In the garden, next to the old tree.", "In the garage."), pair("Q?", "Yes.", "No."), {"chosen": [], "rejected": []}]
+    f = write(tmp_path, rows)
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=f, max_seq_len=40, max_prompt_len=24, batch_size=2, cache_dir=str(tmp_path / "c"))
+    L = ds.lengths()
+    n_long = len(tiny_tokenizer.encode(long_prompt, add_eos=False))  # BOS + the words
+    assert L["prompt_full"].tolist() == [n_long, len(tiny_tokenizer.encode("Q?", add_eos=False))] and L["prompt"].tolist() == [24, L["prompt_full"][1]]
+    lines = ds.summary.splitlines()
+    assert lines[0] == f"json:{f} (format messages): 2 pairs kept of 3; dropped: wrong type: 1"
+    assert lines[3].split() == ["prompt", *(f"{x:.0f}" for x in np.percentile(L["prompt_full"], [50, 90, 99])), str(n_long)]
+    assert lines[6] == "  truncated: 1 pairs (50.0%) at max_seq_len=40, max_prompt_len=24"
+    c, r = L["prompt"] + L["chosen"], L["prompt"] + L["rejected"]
+    pad = 1 - (c.sum() + r.sum()) / (4 * max(c.max(), r.max()))
+    assert lines[7] == f"  padding: {100 * pad:.1f}% of the tokens of a padded batch of 2 pairs"
+
+
+def test_collate_takes_numpy_items():
+    batch = [{"chosen_input_ids": np.array([1, 2, 3], np.int32), "chosen_labels": np.array([-100, 2, 3], np.int32),
+              "rejected_input_ids": np.array([1, 4], np.int32), "rejected_labels": np.array([-100, 4], np.int32), "row": 7}]
+    out = padded_collate_preference(batch)
+    assert out["tokens"].dtype == torch.long and out["tokens"].tolist() == [[1, 2, 3], [1, 4, 0]]
+    assert out["labels"].tolist() == [[-100, 2, 3], [-100, 4, -100]] and out["num_tokens"].item() == 5
