@@ -815,6 +815,29 @@ def padding_share(chosen_lens: np.ndarray, rejected_lens: np.ndarray, batch_size
     return float(1.0 - real / (longest.sum() * 2 * batch_size))
 
 
+def packed_share(prompt_lens: np.ndarray, chosen_lens: np.ndarray, rejected_lens: np.ndarray, batch_size: int,
+                 seed: int = 0) -> float:
+    """Positions the packed, prefix-shared layout computes (each prompt once, no padding between
+    pairs; the padding at the end of its rows left out) as a share of the padded layout's, for
+    batches as in :func:`padding_share`. Pure.
+
+    Args:
+        prompt_lens, chosen_lens, rejected_lens (np.ndarray): [n] tokens of each pair's prompt and
+            responses (without the prompt).
+        batch_size (int): pairs per batch.
+
+    Returns:
+        float: packed positions / padded positions, 1.0 if there is not one full batch.
+    """
+    n = len(prompt_lens) // batch_size * batch_size
+    if n == 0:
+        return 1.0
+    perm = np.random.default_rng(seed).permutation(len(prompt_lens))[:n]
+    p, c, r = (np.asarray(x, dtype=np.int64)[perm].reshape(-1, batch_size) for x in (prompt_lens, chosen_lens, rejected_lens))
+    padded = (np.maximum((p + c).max(1), (p + r).max(1)) * 2 * batch_size).sum()
+    return float((p + c + r).sum() / padded)
+
+
 def _percentiles(x: np.ndarray) -> str:
     if len(x) == 0:
         return "-"
@@ -983,6 +1006,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if batch_size:
             share = padding_share(L["prompt"] + L["chosen"], L["prompt"] + L["rejected"], batch_size)
             lines.append(f"  padding: {100 * share:.1f}% of the tokens of a padded batch of {batch_size} pairs")
+            packed = packed_share(L["prompt"], L["chosen"], L["rejected"], batch_size)
+            lines.append(f"  packed (packed: True): {100 * packed:.1f}% of the padded batch's positions computed "
+                         "(each prompt once, no padding between pairs)")
         return "\n".join(lines)
 
     def __len__(self) -> int:

@@ -426,3 +426,14 @@ def test_collate_takes_numpy_items():
     out = padded_collate_preference(batch)
     assert out["tokens"].dtype == torch.long and out["tokens"].tolist() == [[1, 2, 3], [1, 4, 0]]
     assert out["labels"].tolist() == [[-100, 2, 3], [-100, 4, -100]] and out["num_tokens"].item() == 5
+
+
+def test_packed_share_by_hand():
+    from prefopt.data import packed_share, padding_share
+
+    # one batch of 2 pairs: prompts 10 and 2, responses (5, 3) and (1, 1)
+    p, c, r = np.array([10, 2]), np.array([5, 1]), np.array([3, 1])
+    # padded: 4 rows of the longest sequence, 15 tokens = 60 positions; packed: 18 + 4 = 22
+    assert packed_share(p, c, r, 2) == pytest.approx(22 / 60)
+    assert padding_share(p + c, p + r, 2) == pytest.approx(1 - (15 + 13 + 3 + 3) / 60)
+    assert packed_share(p, c, r, 3) == 1.0  # no full batch
