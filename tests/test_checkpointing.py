@@ -95,7 +95,14 @@ def test_optimizer_probe_does_not_step_anything():
 
 def test_resume_state_writer_and_reader_agree(tmp_path):
     """The writer (tmp folder, COMPLETE marker last, rename) and the reader share one layout."""
-    from prefopt.checkpointing import complete_states, latest_complete, mark_complete, new_state_dir, publish_state, state_root
+    from prefopt.checkpointing import (
+        complete_states,
+        latest_complete,
+        mark_complete,
+        new_state_dir,
+        publish_state,
+        state_root,
+    )
 
     final, tmp = new_state_dir(tmp_path, 7)
     assert tmp.is_dir() and tmp.name == "step_7.tmp" and final == state_root(tmp_path) / "step_7"

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, read_log
 
 PREFOPT = str(Path(sys.executable).with_name("prefopt"))

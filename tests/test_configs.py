@@ -285,6 +285,7 @@ def test_paper_hyperparameters(path):
     )
     fam = FAMILIES[fam_key]
     from torchtune import config as tt_config
+
     from prefopt.loss import SimPOLoss
 
     name = Path(path).name

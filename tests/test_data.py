@@ -368,6 +368,7 @@ def test_num_proc_gives_the_same_items(tmp_path, tiny_tokenizer):
 
 def _rank_builds(rank, world, init, f, cache, out):
     import os
+
     import torch.distributed as dist
     from torchtune.models.llama2 import llama2_tokenizer
 

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY, complete_steps, read_log, tune_command, tune_env, tune_run
 from torch.testing import assert_close
-
-from conftest import REPO, TINY, complete_steps, read_log, tune_bin, tune_command, tune_env, tune_run
 
 pytestmark = pytest.mark.slow  # tune run subprocesses (torchrun, 2 processes)
 RECIPE = "recipes/simpo_full_distributed.py"

@@ -2,16 +2,14 @@
 library functions and inside the real recipe classes (in-process, tiny model, a 48-pair file)."""
 
 import importlib.util
-import json
 import logging
 import os
-import shutil
 
 import pytest
 import torch
+from conftest import REPO, TINY
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY
 from prefopt.config import ConfigError, validate_config
 from prefopt.guards import (
     CollapseGuard,

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.testing import assert_close
 
 from prefopt.logprobs import SequenceLogps
 from prefopt.loss import SimPOLoss

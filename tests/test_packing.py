@@ -1,7 +1,6 @@
 """The packed, prefix-shared layout equals the padded layout: log-probs, losses, rewards,
 metrics and every gradient (fp32, 1e-5), on llama2/llama3/qwen2/mistral shapes."""
 
-from functools import partial
 
 import pytest
 import torch

@@ -52,10 +52,10 @@ from torchtune.training import FullModelHFCheckpointer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prefopt.data import padded_collate_preference, preference_dataset, truncate_pair
-from prefopt.step import preference_forward
-from recipes.simpo_lora_single_device import CONFIG_SPEC
 from prefopt.loss import SimPOLoss
 from prefopt.metrics import PreferenceMetrics
+from prefopt.step import preference_forward
+from recipes.simpo_lora_single_device import CONFIG_SPEC
 
 # TRL's CPOConfig still passes transformers' deprecated `gradient_checkpointing` name
 pytestmark = [pytest.mark.peer, pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*deprecated:FutureWarning")]
