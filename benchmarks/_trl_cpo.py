@@ -24,14 +24,13 @@ import sys
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch
-from datasets import Dataset
-from peft import LoraConfig
-
 # peft 0.21 refuses to apply LoRA at all when torchao < 0.16 is installed (torchtune 0.6.1 pins
 # torchao 0.13): its torchao dispatcher raises ImportError instead of returning "not mine". The
 # base weights here are plain float32 tensors, which that dispatcher would decline anyway.
 import peft.tuners.lora.torchao as _peft_torchao  # noqa: E402
+import torch
+from datasets import Dataset
+from peft import LoraConfig
 
 _peft_torchao.is_torchao_available = lambda: False
 from torch.utils.data import SequentialSampler

@@ -115,7 +115,7 @@ def _run(args, env, nproc=0):
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    res = sorted((json.loads(l[7:]) for l in p.stdout.splitlines() if l.startswith("RESULT ")), key=lambda r: r["rank"])
+    res = sorted((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), key=lambda r: r["rank"])
     return res, wall
 
 

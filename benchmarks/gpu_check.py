@@ -132,7 +132,8 @@ class RandomCheckpointer:
 
     def load_checkpoint(self) -> Dict[str, Any]:
         import torch
-        from torchtune import config as tt_config, training
+        from torchtune import config as tt_config
+        from torchtune import training
 
         key = json.dumps([self._builder, self._model_args, self._seed, self._dtype], sort_keys=True, default=str)
         if key not in _STATE_DICTS:

@@ -55,8 +55,9 @@ def categorize(name: str, shapes, vocab: int) -> str:
 
 
 def profile_one(model, tokens, labels, lf, opt):
-    from benchmarks._steps import STEPS
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    from benchmarks._steps import STEPS
 
     phases = {}
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True) as prof:

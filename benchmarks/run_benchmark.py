@@ -66,8 +66,8 @@ import math
 import os
 import platform
 import random
-import select
 import resource
+import select
 import shutil
 import socket
 import statistics
@@ -81,7 +81,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.wordtok import BOS_ID, EOS_ID, FIRST_WORD_ID, PAD_ID, words  # noqa: E402
+from benchmarks.wordtok import FIRST_WORD_ID, words  # noqa: E402
 
 SHAPES = {
     # the first benchmark's model: the output layer (vocab 32000 x hidden 256) is most of the step

@@ -9,7 +9,6 @@ values, so every rank decides the same).
 
 import fcntl
 import logging
-import math
 import os
 import pickle
 import shutil
@@ -287,7 +286,7 @@ def load_newest_intact(states: Sequence[Path], load: Callable[[Path], T]) -> Tup
             if state is not states[0]:
                 log.warning("resume state %s is corrupt (%s); trying the next older one", state, e)
     raise CorruptCheckpointError(
-        f"every complete resume state is corrupt, none can be resumed from:\n  - " + "\n  - ".join(skipped)
+        "every complete resume state is corrupt, none can be resumed from:\n  - " + "\n  - ".join(skipped)
     )
 
 

@@ -23,7 +23,6 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchtune.modules import TiedLinear
 
 __all__ = [

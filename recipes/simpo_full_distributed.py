@@ -2,7 +2,7 @@
 #
 # Modelled on torchtune 0.6.1's full_dpo_distributed.py without the reference model: SimPO's
 # reward is the policy's own length-normalised log-likelihood, so each micro-batch is ONE forward
-# and backward of the concatenated chosen+rejected batch.
+# and backward of its pairs, packed (each prompt once, several pairs per row) or padded.
 #
 #   tune run --nproc_per_node 2 recipes/simpo_full_distributed.py --config configs/tiny/simpo_full.yaml [key=value ...]
 #   tune run recipes/simpo_full_distributed.py --config ...      # one process, no launcher needed
@@ -13,7 +13,6 @@
 # torchtune and the small `prefopt` library only, and shares no base class.
 
 import gc
-import os
 import resource
 import shutil
 import sys
@@ -40,19 +39,21 @@ from tqdm import tqdm
 
 from prefopt.checkpointing import (
     STATE_DIR,
-    mark_complete,
-    new_state_dir,
-    publish_state,
-    state_root,
     check_checkpoint_space,
     check_output_dir,
-    complete_states,
-    latest_complete,
     checkpoint_bytes,
     checkpoint_write_error,
+    complete_states,
     describe_write_error,
+    latest_complete,
+    mark_complete,
+    new_state_dir,
     optimizer_states_per_param,
+    publish_state,
+    state_root,
 )
+from prefopt.config import Key, at_least, one_of, positive, validate_config
+from prefopt.data import padded_collate_preference
 from prefopt.guards import (
     CONFIG_FILE,
     RESUME_KEYS,
@@ -67,8 +68,6 @@ from prefopt.guards import (
     resume_mismatches,
     save_run_config,
 )
-from prefopt.config import Key, at_least, one_of, positive, validate_config
-from prefopt.data import padded_collate_preference
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packed_collate_preference, packing_unsupported_reason
 from prefopt.step import preference_forward
@@ -171,7 +170,8 @@ def _cross_checks(v: Dict[str, Any]) -> list:
 class SimPORecipeDistributed:
     """SimPO (or any reference-free pairwise loss) with full fine-tuning under FSDP2.
 
-    - One concatenated forward of chosen+rejected per micro-batch; per-sequence average
+    - One forward per micro-batch, packed and prefix-shared (``packed: True``: each pair once,
+      the prompt shared, several pairs per row) or padded (chosen+rejected rows); per-sequence average
       log-probs of the response positions only, output layer fused with the log-softmax
       (no logits kept for backward).
     - FSDP2 (``fully_shard`` per decoder layer, then the root), parameters/gradients/optimizer

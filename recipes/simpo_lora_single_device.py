@@ -1,8 +1,8 @@
 # prefopt: SimPO with LoRA / QLoRA on a single device.
 #
 # Modelled on torchtune 0.6.1's lora_dpo_single_device.py without the reference model: SimPO's
-# reward is the policy's own length-normalised log-likelihood, so each step is ONE forward and
-# backward of the concatenated chosen+rejected batch.
+# reward is the policy's own length-normalised log-likelihood, so each micro-batch is ONE forward
+# and backward of its pairs, packed (each prompt once, several pairs per row) or padded.
 #
 #   tune run recipes/simpo_lora_single_device.py --config configs/tiny/simpo_lora.yaml [key=value ...]
 #
@@ -36,19 +36,21 @@ from tqdm import tqdm
 
 from prefopt.checkpointing import (
     STATE_DIR,
-    mark_complete,
-    new_state_dir,
-    publish_state,
-    state_root,
     check_checkpoint_space,
     check_output_dir,
-    complete_states,
-    latest_complete,
     checkpoint_bytes,
     checkpoint_write_error,
+    complete_states,
     describe_write_error,
+    latest_complete,
+    mark_complete,
+    new_state_dir,
     optimizer_states_per_param,
+    publish_state,
+    state_root,
 )
+from prefopt.config import Key, at_least, one_of, positive, validate_config
+from prefopt.data import padded_collate_preference
 from prefopt.guards import (
     CONFIG_FILE,
     RESUME_KEYS,
@@ -62,8 +64,6 @@ from prefopt.guards import (
     resume_mismatches,
     save_run_config,
 )
-from prefopt.config import Key, at_least, one_of, positive, validate_config
-from prefopt.data import padded_collate_preference
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packed_collate_preference, packing_unsupported_reason
 from prefopt.peft import keep_adapters_in_fp32
@@ -137,7 +137,8 @@ def _cross_checks(v: Dict[str, Any]) -> list:
 class SimPORecipeSingleDevice:
     """SimPO (or any reference-free pairwise loss) with LoRA/QLoRA on one device.
 
-    - One concatenated forward of chosen+rejected per micro-batch; per-sequence average
+    - One forward per micro-batch, packed and prefix-shared (``packed: True``: each pair once,
+      the prompt shared, several pairs per row) or padded (chosen+rejected rows); per-sequence average
       log-probs of the response positions only, output layer fused with the log-softmax
       (no logits kept for backward).
     - Gradient accumulation, gradient clipping, fp32/bf16, activation checkpointing (and
