@@ -142,15 +142,17 @@ def test_qlora_learns_and_its_export_loads(tmp_path):
         assert_close(hf(ids).logits, model(ids), atol=1e-3, rtol=1e-3)
 
 
-def test_activation_checkpointing_and_compile_give_the_eager_losses(tmp_path):
-    common = ["max_steps_per_epoch=3", "eval_dataset=null", "eval_every_n_steps=null", "save_every_n_steps=null",
-              "save_adapter_weights_only=True"]
-    tune_run(RECIPE, CONFIG, f"output_dir={tmp_path / 'eager'}", *common)
-    tune_run(RECIPE, CONFIG, f"output_dir={tmp_path / 'ac_compile'}", "enable_activation_checkpointing=True",
-             "compile=True", *common)
-    a, b = read_log(tmp_path / "eager"), read_log(tmp_path / "ac_compile")
-    assert [s for s in b if "loss" in b[s]] == [1, 2, 3]
-    for s in (1, 2, 3):  # compiled kernels round differently; the same within 1e-5
+def test_activation_checkpointing_and_compile_give_the_eager_losses(run12, tmp_path):
+    """AC + torch.compile vs the eager run12 (packed): the first steps see the same pairs and, in
+    the warm-up of the LR schedule, the same rates whatever the run length. The padded layout
+    here: packed micro-batches vary in rows and length, and each new shape recompiles on CPU."""
+    out = tmp_path / "ac_compile"
+    tune_run(RECIPE, CONFIG, f"output_dir={out}", "enable_activation_checkpointing=True", "compile=True",
+             "packed=False", "max_steps_per_epoch=2", "eval_dataset=null", "eval_every_n_steps=null",
+             "save_every_n_steps=null", "save_adapter_weights_only=True")
+    a, b = read_log(run12), read_log(out)
+    assert [s for s in b if "loss" in b[s]] == [1, 2]
+    for s in (1, 2):  # compiled kernels round differently; the same within 1e-5
         assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5, (s, a[s]["loss"], b[s]["loss"])
         assert abs(a[s]["rewards/margins"] - b[s]["rewards/margins"]) <= 1e-4
 
