@@ -143,18 +143,18 @@ def test_qlora_learns_and_its_export_loads(tmp_path):
 
 
 def test_activation_checkpointing_and_compile_give_the_eager_losses(run12, tmp_path):
-    """AC + torch.compile vs the eager run12 (packed): the first steps see the same pairs and, in
-    the warm-up of the LR schedule, the same rates whatever the run length. The padded layout
-    here: packed micro-batches vary in rows and length, and each new shape recompiles on CPU."""
+    """AC + torch.compile vs the eager run12 (packed) on the same first step: the loss checks the
+    compiled forward, the gradient norm (logged on every step) the compiled backward. One step,
+    the padded layout: every new shape recompiles on CPU (~1 min each)."""
     out = tmp_path / "ac_compile"
     tune_run(RECIPE, CONFIG, f"output_dir={out}", "enable_activation_checkpointing=True", "compile=True",
-             "packed=False", "max_steps_per_epoch=2", "eval_dataset=null", "eval_every_n_steps=null",
+             "packed=False", "max_steps_per_epoch=1", "eval_dataset=null", "eval_every_n_steps=null",
              "save_every_n_steps=null", "save_adapter_weights_only=True")
     a, b = read_log(run12), read_log(out)
-    assert [s for s in b if "loss" in b[s]] == [1, 2]
-    for s in (1, 2):  # compiled kernels round differently; the same within 1e-5
-        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5, (s, a[s]["loss"], b[s]["loss"])
-        assert abs(a[s]["rewards/margins"] - b[s]["rewards/margins"]) <= 1e-4
+    assert [s for s in b if "loss" in b[s]] == [1]
+    # compiled kernels round differently; the same within 1e-5
+    for key, tol in (("loss", 1e-5), ("grad_norm", 1e-5), ("rewards/margins", 1e-4), ("logps/chosen", 1e-5)):
+        assert abs(a[1][key] - b[1][key]) <= tol * max(1.0, abs(a[1][key])), (key, a[1][key], b[1][key])
 
 
 def test_cli_overrides_take_effect(tmp_path):
