@@ -362,19 +362,19 @@ def score_plan_from_labels(
     )
 
 
-def _fusable_head(output: object) -> Optional[Tuple[nn.Module, bool]]:
-    """(module whose forward becomes the fused projection, tied?) for a bias-free linear output
+def _fusable_head(output: object) -> Optional[nn.Module]:
+    """The module whose forward becomes the fused projection, for a bias-free linear output
     layer: ``nn.Linear`` (FSDP2's ``FSDPLinear`` included: it subclasses nn.Linear) or
     torchtune's ``TiedLinear`` (whose ``linear`` submodule takes the tied weight as an
     argument). None for anything else (LoRA on the output, NF4, a bias), which then runs as a
     module on chunks of the scored positions."""
     if isinstance(output, TiedLinear):
-        return output.linear, True
+        return output.linear
     if isinstance(output, nn.Linear) and output.bias is None:
         weight = output.weight
         if type(weight) not in (torch.Tensor, nn.Parameter) and not _is_dtensor(weight):
             return None  # e.g. an NF4 tensor subclass
-        return output, False
+        return output
     return None
 
 
@@ -441,7 +441,7 @@ def scored_token_logps(
         # The output module's own forward: under FSDP2 its (or the root's) pre-forward hook has
         # gathered the weight, so module.weight is the plain unsharded tensor here.
         FUSED_CALLS[0] += 1
-        w = weight if weight is not None else head[0].weight
+        w = weight if weight is not None else head.weight
         with torch.no_grad():
             result["logits_sum"] = result.pop("h_sum") @ w.sum(dim=0, dtype=torch.float32)
         return linear_token_logps(x, w, plan.score_targets, num_chunks)
@@ -468,11 +468,10 @@ def scored_token_logps(
             result["logits_sum"] = out(h_sum.to(h.dtype)).float().sum(-1) + (plan.seq_positions - 1) * f0
         return tok
 
-    ctx = contextlib.ExitStack()
-    with ctx:
+    with contextlib.ExitStack() as ctx:
         ctx.enter_context(_attr_replaced(model, "unembed", unembed))
         if head is not None:
-            ctx.enter_context(_attr_replaced(head[0], "forward", fused_forward))
+            ctx.enter_context(_attr_replaced(head, "forward", fused_forward))
         kwargs = {}
         if mask is not None:
             kwargs["mask"] = mask

@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from prefopt.logprobs import SequenceLogps, reduce_to_sequences, scored_token_logps
+from prefopt.logprobs import SequenceLogps, model_sequence_logps
 from prefopt.packing import packed_attention_mask
 
 __all__ = ["PreferenceOutput", "preference_forward", "loss_needs"]
@@ -100,15 +100,13 @@ def preference_forward(
         mask = packed_attention_mask(
             batch["doc_pair"].to(device, non_blocking=True), batch["doc_kind"].to(device, non_blocking=True)
         )
-    tok, logits_sum = scored_token_logps(
-        model, tokens, plan, mask=mask, input_pos=input_pos, num_chunks=num_chunks
+    out = model_sequence_logps(
+        model, tokens, plan=plan, mask=mask, input_pos=input_pos, num_chunks=num_chunks, average=False
     )
-    sums = reduce_to_sequences(tok, plan)  # [2b] summed log-probs
-    n = plan.seq_num_tokens
+    sums, n = out.logps, out.num_tokens  # [2b] summed log-probs, scored tokens
     logps = sums / n if needs["logps_reduction"] == "average" else sums
-    logits_mean = logits_sum / (plan.seq_positions * model.tok_embeddings.num_embeddings)
     b = n.shape[0] // 2
-    chosen, rejected = SequenceLogps(logps, n, logits_mean).split(b)
+    chosen, rejected = out._replace(logps=logps).split(b)
 
     kwargs = {}
     if needs["chosen_nll"] == "sequence":
