@@ -71,6 +71,27 @@ def _check_choice(owner: str, name: str, value, choices: Tuple[str, ...]) -> str
     return value
 
 
+def _check_loss_type(owner: str, loss_type: str, choices: Tuple[str, ...], label_smoothing: float) -> None:
+    """``loss_type`` one of ``choices``, and ``label_smoothing`` in [0, 0.5), non-zero only with
+    the sigmoid loss (SimPO's and CPO's rule)."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{owner}: label_smoothing must be in [0, 0.5), got label_smoothing={label_smoothing}")
+    _check_choice(owner, "loss_type", loss_type, choices)
+    if loss_type != "sigmoid" and label_smoothing > 0:
+        raise ValueError(
+            f"{owner}: label_smoothing applies to the sigmoid loss only; got "
+            f"loss_type={loss_type!r} with label_smoothing={label_smoothing}"
+        )
+
+
+def _pairwise_losses(loss_type: str, z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """SimPO's and CPO's sigmoid (with label smoothing) or hinge loss of the scaled margin
+    ``z = β · logits``, per example."""
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+    return torch.relu(1 - z)
+
+
 def _check_inputs(owner: str, chosen: torch.Tensor, rejected: torch.Tensor, chosen_nll: Optional[torch.Tensor]) -> None:
     if chosen.shape != rejected.shape:
         raise ValueError(
@@ -205,14 +226,7 @@ class SimPOLoss(nn.Module):
             gamma = gamma_beta_ratio * beta
         if gamma < 0:
             raise ValueError(f"{owner}: gamma must be >= 0, got gamma={gamma}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"{owner}: label_smoothing must be in [0, 0.5), got label_smoothing={label_smoothing}")
-        _check_choice(owner, "loss_type", loss_type, _LOSS_TYPES)
-        if loss_type == "hinge" and label_smoothing > 0:
-            raise ValueError(
-                f"{owner}: label_smoothing applies to the sigmoid loss only; got "
-                f"loss_type='hinge' with label_smoothing={label_smoothing}"
-            )
+        _check_loss_type(owner, loss_type, _LOSS_TYPES, label_smoothing)
         if sft_weight < 0:
             raise ValueError(f"{owner}: sft_weight must be >= 0, got sft_weight={sft_weight}")
         _check_choice(owner, "sft_reduction", sft_reduction, _NLL_REDUCTIONS)
@@ -266,13 +280,7 @@ class SimPOLoss(nn.Module):
         _check_inputs("SimPOLoss", policy_chosen_logps, policy_rejected_logps, chosen_nll)
         chosen, rejected = self._scores(policy_chosen_logps), self._scores(policy_rejected_logps)
         logits = (chosen - rejected) - self.gamma / self.beta
-        if self.loss_type == "sigmoid":
-            losses = (
-                -F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing)
-                - F.logsigmoid(-self.beta * logits) * self.label_smoothing
-            )
-        else:
-            losses = torch.relu(1 - self.beta * logits)
+        losses = _pairwise_losses(self.loss_type, self.beta * logits, self.label_smoothing)
         if self.sft_weight > 0:
             nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
             losses = losses + self.sft_weight * nll
@@ -358,14 +366,7 @@ class CPOLoss(nn.Module):
         alpha = _number(owner, "alpha", alpha)
         if beta <= 0:
             raise ValueError(f"{owner}: beta must be > 0, got beta={beta}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"{owner}: label_smoothing must be in [0, 0.5), got label_smoothing={label_smoothing}")
-        _check_choice(owner, "loss_type", loss_type, _CPO_LOSS_TYPES)
-        if loss_type != "sigmoid" and label_smoothing > 0:
-            raise ValueError(
-                f"{owner}: label_smoothing applies to the sigmoid loss only; got "
-                f"loss_type={loss_type!r} with label_smoothing={label_smoothing}"
-            )
+        _check_loss_type(owner, loss_type, _CPO_LOSS_TYPES, label_smoothing)
         if cpo_alpha < 0:
             raise ValueError(f"{owner}: cpo_alpha must be >= 0, got cpo_alpha={cpo_alpha}")
         _check_choice(owner, "nll_reduction", nll_reduction, _NLL_REDUCTIONS)
@@ -419,15 +420,10 @@ class CPOLoss(nn.Module):
         _check_inputs("CPOLoss", policy_chosen_logps, policy_rejected_logps, chosen_nll)
         chosen, rejected = self._scores(policy_chosen_logps), self._scores(policy_rejected_logps)
         logits = chosen - rejected
-        if self.loss_type == "sigmoid":
-            losses = (
-                -F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing)
-                - F.logsigmoid(-self.beta * logits) * self.label_smoothing
-            )
-        elif self.loss_type == "hinge":
-            losses = torch.relu(1 - self.beta * logits)
-        else:
+        if self.loss_type == "ipo":
             losses = (logits - 1 / (2 * self.beta)) ** 2
+        else:
+            losses = _pairwise_losses(self.loss_type, self.beta * logits, self.label_smoothing)
         if self.cpo_alpha > 0:
             losses = losses + self.cpo_alpha * self._nll(chosen_nll)
         return losses, self.beta * chosen.detach(), self.beta * rejected.detach()
