@@ -59,6 +59,17 @@ def tiny_tokenizer():
     return llama2_tokenizer(str(TINY / "tokenizer.model"), max_seq_len=None, prompt_template=None)
 
 
+def load_recipe(name: str):
+    """This repo's ``recipes/<name>.py`` as a module, loaded by path (what `tune run` runs, never
+    a ``recipes`` package elsewhere on sys.path), for tests that build the recipe classes in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / "recipes" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tune_bin() -> str:
     return str(Path(sys.executable).with_name("tune"))
 

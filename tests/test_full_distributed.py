@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, complete_steps, read_log, tune_command, tune_env, tune_run
+from conftest import REPO, TINY, complete_steps, load_recipe, read_log, tune_command, tune_env, tune_run
 from torch.testing import assert_close
 
 pytestmark = pytest.mark.slow  # tune run subprocesses (torchrun, 2 processes)
@@ -446,16 +446,13 @@ def test_bf16_with_fp32_master_weights_keeps_small_updates(run2, tmp_path):
 
 def test_bad_combinations_rejected_before_anything_is_built(tmp_path):
     """In-process: the recipe's __init__ raises one ConfigError before it creates a process group."""
-    import importlib.util
 
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
     from prefopt.config import ConfigError
 
-    spec = importlib.util.spec_from_file_location("simpo_full_distributed_under_test", REPO / RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("simpo_full_distributed")
     cfg = OmegaConf.merge(
         _tiny_cfg(),
         OmegaConf.from_dotlist([f"output_dir={tmp_path}", "optimizer_in_bwd=True", "gradient_accumulation_steps=2",

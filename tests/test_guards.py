@@ -1,13 +1,12 @@
 """Reliability, second round: the guards in prefopt.guards / prefopt.config / prefopt.data, as
 library functions and inside the real recipe classes (in-process, tiny model, a 48-pair file)."""
 
-import importlib.util
 import logging
 import os
 
 import pytest
 import torch
-from conftest import REPO, TINY
+from conftest import REPO, TINY, load_recipe
 from omegaconf import OmegaConf
 
 from prefopt.config import ConfigError, validate_config
@@ -25,15 +24,7 @@ from prefopt.guards import (
     resume_mismatches,
 )
 
-
-def _recipe_module(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-LORA = _recipe_module("simpo_lora_single_device")
+LORA = load_recipe("simpo_lora_single_device")
 
 
 # ---------------------------------------------------------------------------------------------- device
@@ -172,7 +163,7 @@ def test_component_argument_types_and_ranges_in_one_error(tmp_path):
         validate_config(OmegaConf.load(path), mod.CONFIG_SPEC, bound_args=mod.BOUND_ARGS)
 
 
-FULL = _recipe_module("simpo_full_distributed")
+FULL = load_recipe("simpo_full_distributed")
 
 
 # ---------------------------------------------------------------------------------------------- data

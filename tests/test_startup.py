@@ -1,24 +1,15 @@
 """Start-up errors of both recipes, in-process: each must stop before any model is built, with a
 message that names the cause (the recipe classes are constructed directly, no `tune run`)."""
 
-import importlib.util
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_recipe
 from omegaconf import OmegaConf
 
 from prefopt.config import ConfigError
 
-
-def _module(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_startup_test", REPO / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-LORA = _module("simpo_lora_single_device")
+LORA = load_recipe("simpo_lora_single_device")
 
 
 def _cfg(*overrides):
