@@ -16,7 +16,7 @@ leaves no complete-looking state. :func:`complete_states` / :func:`latest_comple
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -24,7 +24,8 @@ __all__ = [
     "STATE_DIR",
     "COMPLETE",
     "state_root",
-    "new_state_dir",
+    "state_dirs",
+    "begin_state",
     "mark_complete",
     "publish_state",
     "check_output_dir",
@@ -50,21 +51,22 @@ def state_root(output_dir: Union[str, Path]) -> Path:
     return Path(output_dir) / STATE_DIR
 
 
-def new_state_dir(output_dir: Union[str, Path], step: int, *, create: bool = True) -> "tuple[Path, Path]":
-    """(final ``step_<N>``, temporary ``step_<N>.tmp``) folders of the resume state of ``step``;
-    with ``create`` the temporary one is made empty (what a previous, killed save left there is
-    removed). The writer fills the temporary folder, then :func:`mark_complete` and
-    :func:`publish_state`.
+def state_dirs(output_dir: Union[str, Path], step: int) -> Tuple[Path, Path]:
+    """(final ``step_<N>``, temporary ``step_<N>.tmp``) folders of the resume state of ``step``.
+    The writer calls :func:`begin_state` on the temporary one, fills it, then
+    :func:`mark_complete` and :func:`publish_state`."""
+    final = state_root(output_dir) / f"step_{step}"
+    return final, final.with_name(final.name + ".tmp")
+
+
+def begin_state(tmp: Path) -> None:
+    """Make ``tmp`` an empty folder (what a previous, killed save left there is removed).
 
     Raises:
         OSError: if the folder cannot be made.
     """
-    final = state_root(output_dir) / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if create:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    return final, tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
 
 
 def mark_complete(tmp: Path, note: str) -> None:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from prefopt.checkpointing import (
     STATE_DIR,
+    begin_state,
     check_checkpoint_space,
     check_output_dir,
     checkpoint_bytes,
@@ -47,9 +48,9 @@ from prefopt.checkpointing import (
     describe_write_error,
     latest_complete,
     mark_complete,
-    new_state_dir,
     optimizer_states_per_param,
     publish_state,
+    state_dirs,
     state_root,
 )
 from prefopt.config import Key, at_least, one_of, positive, validate_config
@@ -694,13 +695,13 @@ class SimPORecipeDistributed:
         ``output_dir`` must be on storage that every node sees.
         """
         t0 = time.perf_counter()
-        final_dir, tmp_dir = new_state_dir(self._output_dir, self.global_step, create=False)
+        final_dir, tmp_dir = state_dirs(self._output_dir, self.global_step)
         # A write error on any rank (a full disk, ...) stops every rank with one message naming
         # the folder; the partial step_<N>.tmp is removed and the previous states stay intact.
         failed = None
         if self._is_rank_zero:
             try:
-                new_state_dir(self._output_dir, self.global_step)
+                begin_state(tmp_dir)
             except OSError as e:
                 failed = f"rank 0: {describe_write_error(e)}"
         self._check_written(failed, tmp_dir)  # also the barrier: the folder exists

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from prefopt.checkpointing import (
     STATE_DIR,
+    begin_state,
     check_checkpoint_space,
     check_output_dir,
     checkpoint_bytes,
@@ -44,9 +45,9 @@ from prefopt.checkpointing import (
     describe_write_error,
     latest_complete,
     mark_complete,
-    new_state_dir,
     optimizer_states_per_param,
     publish_state,
+    state_dirs,
     state_root,
 )
 from prefopt.config import Key, at_least, one_of, positive, validate_config
@@ -387,7 +388,6 @@ class SimPORecipeSingleDevice:
                     num_tokens += int(batch["num_tokens"])
                     rows.append(batch["rows"])
 
-                grad_norm = None
                 params = list(self._adapter_params.values())
                 if self._clip_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self._clip_grad_norm)
@@ -481,9 +481,9 @@ class SimPORecipeSingleDevice:
             },
         }
         # written into step_<N>.tmp, COMPLETE last, then renamed: a kill leaves no half state
-        final_dir, tmp_dir = new_state_dir(self._output_dir, self.global_step, create=False)
+        final_dir, tmp_dir = state_dirs(self._output_dir, self.global_step)
         try:
-            new_state_dir(self._output_dir, self.global_step)
+            begin_state(tmp_dir)
             torch.save(adapter, tmp_dir / "adapter.pt")
             torch.save(state, tmp_dir / "recipe_state.pt")
             save_run_config(self._run_cfg, tmp_dir / CONFIG_FILE)  # what a resume must match

@@ -96,15 +96,18 @@ def test_optimizer_probe_does_not_step_anything():
 def test_resume_state_writer_and_reader_agree(tmp_path):
     """The writer (tmp folder, COMPLETE marker last, rename) and the reader share one layout."""
     from prefopt.checkpointing import (
+        begin_state,
         complete_states,
         latest_complete,
         mark_complete,
-        new_state_dir,
         publish_state,
+        state_dirs,
         state_root,
     )
 
-    final, tmp = new_state_dir(tmp_path, 7)
+    final, tmp = state_dirs(tmp_path, 7)
+    assert not tmp.exists()  # naming the folders writes nothing
+    begin_state(tmp)
     assert tmp.is_dir() and tmp.name == "step_7.tmp" and final == state_root(tmp_path) / "step_7"
     (tmp / "adapter.pt").write_bytes(b"x")
     assert complete_states(state_root(tmp_path)) == []  # not complete, not renamed
@@ -113,7 +116,8 @@ def test_resume_state_writer_and_reader_agree(tmp_path):
     publish_state(tmp, final)
     assert latest_complete(state_root(tmp_path)) == final and (final / "adapter.pt").exists() and not tmp.exists()
     # a save that was killed after mkdir leaves a .tmp that the next save of that step replaces
-    _, tmp2 = new_state_dir(tmp_path, 9)
+    _, tmp2 = state_dirs(tmp_path, 9)
+    begin_state(tmp2)
     (tmp2 / "junk").write_text("half")
-    _, tmp2 = new_state_dir(tmp_path, 9)
+    begin_state(tmp2)
     assert list(tmp2.iterdir()) == []
