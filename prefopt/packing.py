@@ -155,9 +155,10 @@ def packed_collate_preference(
 
         return padded_collate_preference(batch, padding_idx=padding_idx, ignore_idx=ignore_idx,
                                          pad_to_multiple_of=pad_to_multiple_of)
-    if static_shapes and bucket_length(sum(lengths)) <= limit:
+    one_row = bucket_length(sum(lengths)) if static_shapes else None
+    if static_shapes and one_row <= limit:
         layout = [sorted(range(b), key=lambda i: -lengths[i])]
-        seq_len = bucket_length(sum(lengths))
+        seq_len = one_row
     elif static_shapes:  # rows of the model's full length: only the number of rows varies
         layout = _first_fit_decreasing(lengths, int(limit))
         seq_len = int(limit)
@@ -166,7 +167,9 @@ def packed_collate_preference(
         seq_len = max(sum(lengths[i] for i in row) for row in layout)
     else:
         layout, seq_len = _cheapest_layout(lengths, limit, embed_dim)
-    seq_len = min(seq_len + -seq_len % pad_to_multiple_of, max(int(min(limit, 2**62)), seq_len))
+    seq_len += -seq_len % pad_to_multiple_of
+    if seq_len > limit:  # the rounding must not pass the model's limit (seq_len itself does not)
+        seq_len = int(limit)
     n_rows = len(layout)
 
     tokens = np.full((n_rows, seq_len), padding_idx, dtype=np.int64)
