@@ -9,6 +9,7 @@ arguments against the component's signature (names, annotated types, and the ran
 numeric arguments such as ``lr`` or ``betas``) -- all listed in one :class:`ConfigError`.
 """
 
+import collections.abc
 import difflib
 import importlib
 import inspect
@@ -91,7 +92,7 @@ def _type_problem(value: Any, ann: Any) -> Optional[str]:
         return " or ".join(dict.fromkeys(r for r in results if r != "Tensor")) or "Tensor"
     if origin is typing.Literal:
         return None if value in typing.get_args(ann) else f"one of {list(typing.get_args(ann))}"
-    if origin in (tuple, list, typing.Sequence, getattr(__import__("collections.abc").abc, "Sequence")):
+    if origin in (tuple, list, typing.Sequence, collections.abc.Sequence):
         if not isinstance(value, (list, tuple, ListConfig)):
             return _type_name(ann)
         args = [a for a in typing.get_args(ann) if a is not Ellipsis]
@@ -133,14 +134,14 @@ def _in_unit(v: Any) -> Optional[str]:
 # beta of 1.5 fails at start-up, not after the model is built (torch checks them only when the
 # optimizer is created). Checked only when the value is a number (or a list of numbers).
 KNOWN_NUMERIC_ARGS: Dict[str, Callable[[Any], Optional[str]]] = {
-    "lr": lambda v: non_negative(v),
-    "weight_decay": lambda v: non_negative(v),
-    "eps": lambda v: positive(v),
-    "momentum": lambda v: non_negative(v),
+    "lr": non_negative,
+    "weight_decay": non_negative,
+    "eps": positive,
+    "momentum": non_negative,
     "betas": _in_unit,
-    "num_warmup_steps": lambda v: non_negative(v),
-    "lora_rank": lambda v: at_least(1)(v),
-    "lora_alpha": lambda v: positive(v),
+    "num_warmup_steps": non_negative,
+    "lora_rank": at_least(1),
+    "lora_alpha": positive,
     "lora_dropout": _in_unit,
 }
 
