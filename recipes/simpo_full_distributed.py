@@ -71,6 +71,7 @@ from prefopt.guards import (
 )
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packed_collate_preference, packing_unsupported_reason
+from prefopt.process import run_and_exit
 from prefopt.step import preference_forward
 
 log = utils.get_logger("INFO")
@@ -958,4 +959,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    run_and_exit(recipe_main)  # see prefopt.process.run_and_exit: no native teardown after a finished run

@@ -312,3 +312,43 @@ def test_full_recipe_one_process_resumes_past_a_corrupt_shard(tmp_path, small_da
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- exit
+_EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from prefopt.process import run_and_exit
+out = sys.argv[1]
+atexit.register(lambda: open(out, "a").write("atexit\\n"))
+def late():
+    time.sleep(0.3)
+    open(out, "a").write("thread\\n")
+def main():
+    threading.Thread(target=late).start()  # not a daemon: joined before the exit
+    print("done", end="")  # no newline: still in stdout's buffer when the process ends
+    mode = sys.argv[2]
+    if mode == "raise":
+        raise RuntimeError("boom")
+    if mode != "ok":
+        sys.exit(int(mode))
+    sys.exit(None)  # what torchtune's config.parse does after a finished recipe_main
+run_and_exit(main)
+"""
+
+
+def test_run_and_exit_keeps_status_threads_atexit_and_output(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text(_EXIT_SCRIPT)
+    modes = {"ok": 0, "3": 3, "raise": 1}  # the three processes run side by side
+    procs = {m: subprocess.Popen([sys.executable, str(script), str(tmp_path / f"{m}.txt"), m], cwd=REPO, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in modes}
+    for mode, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == modes[mode], stderr[-2000:]
+        assert stdout == "done"
+        # the thread ends before the atexit handlers run, as in a normal interpreter exit
+        assert (tmp_path / f"{mode}.txt").read_text() == "thread\natexit\n"
+        assert ("RuntimeError: boom" in stderr) == (mode == "raise")
