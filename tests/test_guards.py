@@ -167,7 +167,19 @@ FULL = load_recipe("simpo_full_distributed")
 
 
 # ---------------------------------------------------------------------------------------------- data
-def test_empty_file_and_invalid_json_line_named_and_dropped(tmp_path, tiny_tokenizer, caplog):
+# A broken line of each kind the loader meets: the quick scan parses only lines that do not look
+# like an object; pyarrow rejects invalid JSON between braces and reads two objects on one line as
+# two rows, and either makes the loader parse every line (prefopt.data._load_raw).
+_BROKEN = {
+    "cut short": (lambda line: line[:40], "not valid JSON ("),
+    "invalid between braces": (lambda line: line[:40] + ", }", "not valid JSON ("),
+    "two objects": (lambda line: line + line, "not valid JSON (Extra data"),
+    "null": (lambda line: "null", "a JSON NoneType, not an object"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_BROKEN))
+def test_empty_file_and_invalid_json_line_named_and_dropped(tmp_path, tiny_tokenizer, caplog, kind):
     from prefopt.data import BadExample, preference_dataset
 
     empty = tmp_path / "empty.jsonl"
@@ -175,12 +187,13 @@ def test_empty_file_and_invalid_json_line_named_and_dropped(tmp_path, tiny_token
     with pytest.raises(ValueError, match=f"^{empty}: the data file is empty \\(no rows\\)"):
         preference_dataset(tiny_tokenizer, source="json", data_files=str(empty), split="train")
     lines = (TINY / "train.jsonl").read_text().splitlines()[:6]
-    lines[3] = lines[3][:40]  # a line cut short (a killed export)
+    breaks, problem = _BROKEN[kind]
+    lines[3] = breaks(lines[3])
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(BadExample) as e:
         preference_dataset(tiny_tokenizer, source="json", data_files=str(bad), split="train", on_bad_example="error")
-    assert str(e.value).startswith(f"{bad}: line 4 (row 3): not valid JSON (")
+    assert str(e.value).startswith(f"{bad}: line 4 (row 3): {problem}"), str(e.value)
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
         ds = preference_dataset(tiny_tokenizer, source="json", data_files=str(bad), split="train")
     assert [ds[i]["row"] for i in range(len(ds))] == [0, 1, 2, 4, 5]  # the rows after it keep their numbers
