@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=60_000)
     ap.add_argument("--num-proc", type=int, default=None, help="tokenizing processes (default: the cores available)")
     ap.add_argument("--old", action="store_true", help="also measure the eager pre-#14 pipeline")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "data_results.json"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data.json"))
     a = ap.parse_args()
     if a.child:
         return child(a)

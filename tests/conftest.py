@@ -21,18 +21,29 @@ if "PREFOPT_CACHE_DIR" not in os.environ:
 # marked with another; ``slow``: end-to-end `tune run` subprocesses; ``peer``: parity with TRL /
 # transformers / princeton; ``gpu``: CUDA-only paths, skipped on a machine without CUDA.
 TIERS = ("gpu", "peer", "slow")
-_TIER_OF = {}
+
+
+# Under pytest-xdist (`pytest -n 2`, what CI runs) every worker is one of several processes on
+# the machine's cores: one thread each, for the tests run in-process and, through tune_env, for
+# the single-process `tune run`s they start (2-process runs already use one thread per rank).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _tier(keywords) -> str:
+    return next((t for t in TIERS if t in keywords), "unit")
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
     skip = pytest.mark.skip(reason="needs a CUDA device (the gpu tier; benchmarks/gpu_check.sh runs it)")
     for item in items:
-        tier = next((t for t in TIERS if t in item.keywords), "unit")
+        tier = _tier(item.keywords)
         if tier == "unit":
             item.add_marker(pytest.mark.unit)
-        _TIER_OF[item.nodeid] = tier
         if tier == "gpu" and not torch.cuda.is_available():
             item.add_marker(skip)
 
@@ -44,8 +55,11 @@ def pytest_terminal_summary(terminalreporter):
     counts = {t: Counter() for t in ("unit", *TIERS[::-1])}
     for outcome in ("passed", "failed", "skipped", "error"):
         for rep in terminalreporter.stats.get(outcome, []):
-            tier = _TIER_OF.get(getattr(rep, "nodeid", None))
-            if tier is not None and (outcome != "passed" or getattr(rep, "when", "call") == "call"):
+            keywords = getattr(rep, "keywords", None)  # a report's keywords also come back from xdist workers
+            if keywords is None:
+                continue
+            tier = _tier(keywords)
+            if outcome != "passed" or getattr(rep, "when", "call") == "call":
                 counts[tier][outcome] += 1
     terminalreporter.section("tests per tier")
     for tier, c in counts.items():
