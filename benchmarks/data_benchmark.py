@@ -115,7 +115,13 @@ def _run(args, env, nproc=0):
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    res = sorted((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    # each rank prints one RESULT line; two ranks' lines can interleave on one line of torchrun's output
+    dec, out, i = json.JSONDecoder(), [], p.stdout.find("RESULT ")
+    while i >= 0:
+        obj, end = dec.raw_decode(p.stdout, i + len("RESULT "))
+        out.append(obj)
+        i = p.stdout.find("RESULT ", end)
+    res = sorted(out, key=lambda r: r["rank"])
     return res, wall
 
 
