@@ -239,11 +239,15 @@ class SimPORecipeDistributed:
         self.epochs_run = 0
         self.global_step = 0
         self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
-        # A sharding layout the model cannot take fails here, before any weights are read.
+        # A sharding layout the model cannot take fails here, before any weights are read; the
+        # same meta-device model (no memory) gives the parameter count for the space check.
         with torch.device("meta"):
-            problem = sharding_problem(config.instantiate(v["model"]), v["custom_sharded_layers"])
+            meta_model = config.instantiate(v["model"])
+        problem = sharding_problem(meta_model, v["custom_sharded_layers"])
         if problem:
             raise ValueError(problem)
+        n_params = sum(p.numel() for p in meta_model.parameters())
+        del meta_model
         self._lock = None
         if self._is_rank_zero:
             log.info(f"device {self._device} (rank 0 of {self.world_size}), dtype {self._dtype}")
@@ -252,18 +256,15 @@ class SimPORecipeDistributed:
             if not v["resume_from_checkpoint"]:
                 check_fresh_output_dir(self._output_dir, STATE_DIR, overwrite=v["overwrite_output_dir"])
                 save_run_config(cfg, self._output_dir / CONFIG_FILE)  # a resumed run never overwrites it
-            self._check_checkpoint_space()
+            self._check_checkpoint_space(n_params)
         dist.barrier()
 
-    def _check_checkpoint_space(self) -> None:
+    def _check_checkpoint_space(self, n: int) -> None:
         """Fail before any model is built if output_dir has less free space than the first
-        checkpoint needs: the resume state (all parameters + optimizer state, summed over the
-        ranks' shards) and the epoch-end export (the full model in the compute dtype). Sizes are
-        counted on a meta-device copy of the model: no memory, no weights read."""
+        checkpoint needs: the resume state (all ``n`` parameters + optimizer state, summed over
+        the ranks' shards) and the epoch-end export (the full model in the compute dtype)."""
         v = self._cfg
         try:
-            with torch.device("meta"):
-                n = sum(p.numel() for p in config.instantiate(v["model"]).parameters())
             states = optimizer_states_per_param(lambda params: config.instantiate(v["optimizer"], params))
         except Exception as e:  # noqa: BLE001 - an estimate must not stop a run that would work
             log.warning(f"could not estimate the checkpoint size ({e!r}); output_dir free space not checked")
