@@ -761,7 +761,8 @@ def _load_raw(
                 if thorough:
                     raise
                 continue
-            if thorough or rows is None or "[" in split or len(data) == rows:
+            # (a split slice or a JSON document read with field= has other row counts)
+            if thorough or rows is None or "[" in split or "field" in kwargs or len(data) == rows:
                 break
     finally:
         scratch.cleanup()  # `datasets` has its own copy (its Arrow cache) now
