@@ -28,6 +28,7 @@ Formats (``column_map`` renames the columns when a file's names differ):
   sets do) are used as they are, lists of only the response get the prompt as a user message.
 """
 
+import gc
 import hashlib
 import itertools
 import json
@@ -410,7 +411,18 @@ class _PairEncoder:
         cols = [c for c in set(self.cols.values()) if c in table.column_names]
         # Text decoded from Arrow is valid UTF-8, so it holds no lone surrogate: skip that scan.
         self._arrow_text = True
-        out = self.encode_rows(self.rows_of(table.select(cols), indices), indices)
+        # No cyclic garbage collection during a batch: encoding makes millions of small lists and
+        # dicts, none in a reference cycle (refcounting frees them), and each collection of the
+        # oldest generation walks every object of a process that has imported torch: ~13% of
+        # a one-process build's CPU time (10k UltraFeedback rows, 4 runs each way).
+        # Collections run again between batches.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            out = self.encode_rows(self.rows_of(table.select(cols), indices), indices)
+        finally:
+            if was_enabled:
+                gc.enable()
         # An Arrow table, not lists: datasets' generic list conversion took ~10% of the build.
         return pa.table({k: _token_lists(v) if k in _LIST_COLUMNS else v for k, v in out.items()}, schema=_SCHEMA)
 

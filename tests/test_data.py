@@ -53,6 +53,20 @@ def test_dataset_tokens_labels_and_bos_eos(tmp_path, tiny_tokenizer):
     assert tiny_tokenizer.decode(ids[n_prompt:]).strip() == "The keys are in the garden."
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_build_leaves_the_garbage_collector_as_it_found_it(tmp_path, tiny_tokenizer, enabled):
+    """The encoder turns cyclic GC off for each batch and back on only if it was on."""
+    import gc
+
+    f = write(tmp_path, [pair("Where are the keys?", "The keys are in the garden.", "No.")])
+    (gc.enable if enabled else gc.disable)()
+    try:
+        ds = preference_dataset(tiny_tokenizer, source="json", data_files=f, split="train", cache_dir=tmp_path / "c", num_proc=1)
+        assert len(ds) == 1 and gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
 def test_bad_rows_dropped_and_counted(tmp_path, tiny_tokenizer, caplog):
     rows = [
         pair("Q one?", "good answer", "bad answer"),
