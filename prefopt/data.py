@@ -200,8 +200,7 @@ class _PairEncoder:
                 raise self._bad(
                     row, col, f"message {i} must be {{'role': one of {_ROLES}, 'content': str}}, got {m!r:.120}", "wrong type"
                 )
-            if not self._arrow_text:
-                self._valid_text(row, col, m["content"], f"message {i}")
+            self._valid_text(row, col, m["content"], f"message {i}")
         # isspace, not strip: no copy of every response's text
         if response and not any(m["role"] == "assistant" and m["content"] and not m["content"].isspace() for m in msgs):
             raise self._bad(row, col, "has no non-empty assistant message", "empty response")
@@ -624,7 +623,6 @@ def scan_json_lines(
                     msg = f"{path}: line {lineno} (row {row}): {problem}"
                     if on_bad_example == "error":
                         raise BadExample(msg + "; fix or delete that line, or set on_bad_example=drop to skip it", "invalid JSON")
-                    log.warning("%s; the row is dropped", msg)
                     bad_rows[offset + row] = msg
                     bad_lines.add(lineno)
                 row += 1
@@ -778,6 +776,8 @@ def _load_raw(
                 break
     finally:
         scratch.cleanup()  # `datasets` has its own copy (its Arrow cache) now
+    for msg in unparsable.values():  # here, once: both scans may have found the same line
+        log.warning("%s; the row is dropped", msg)
     if filter_fn is not None:
         data = data.filter(filter_fn)
     return data, unparsable

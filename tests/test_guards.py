@@ -199,6 +199,24 @@ def test_empty_file_and_invalid_json_line_named_and_dropped(tmp_path, tiny_token
     assert [ds[i]["row"] for i in range(len(ds))] == [0, 1, 2, 4, 5]  # the rows after it keep their numbers
     assert dict(ds.dropped) == {"invalid JSON": 1}
     assert "dropped 1 of 6 rows (invalid JSON: 1)" in caplog.text
+    assert caplog.text.count(f"{bad}: line 4 (row 3): {problem}") == 1  # the line's own warning, once
+
+
+def test_lines_found_by_both_scans_are_warned_once(tmp_path, tiny_tokenizer, caplog):
+    """A `null` line (the quick scan finds it) beside invalid JSON between braces (only the
+    thorough scan, after pyarrow fails): both dropped, each named once."""
+    from prefopt.data import preference_dataset
+
+    lines = (TINY / "train.jsonl").read_text().splitlines()[:6]
+    lines[1], lines[3] = "null", lines[3][:40] + ", }"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+        ds = preference_dataset(tiny_tokenizer, source="json", data_files=str(bad), split="train")
+    assert [ds[i]["row"] for i in range(len(ds))] == [0, 2, 4, 5]
+    assert dict(ds.dropped) == {"invalid JSON": 2}
+    assert caplog.text.count(f"{bad}: line 2 (row 1): a JSON NoneType, not an object") == 1
+    assert caplog.text.count(f"{bad}: line 4 (row 3): not valid JSON (") == 1
 
 
 # ---------------------------------------------------------------------------------------------- in the recipe
