@@ -37,8 +37,6 @@ def _tier(keywords) -> str:
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)
     skip = pytest.mark.skip(reason="needs a CUDA device (the gpu tier; benchmarks/gpu_check.sh runs it)")
     for item in items:
         tier = _tier(item.keywords)
