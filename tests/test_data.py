@@ -53,6 +53,35 @@ def test_dataset_tokens_labels_and_bos_eos(tmp_path, tiny_tokenizer):
     assert tiny_tokenizer.decode(ids[n_prompt:]).strip() == "The keys are in the garden."
 
 
+class _EndMasked:
+    """The tiny tokenizer, but the final token's label is ignored (as Llama 3's tokenizer does
+    with its end-of-turn token): the positions a response masks are kept through truncation."""
+
+    def __init__(self, tok):
+        self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
+
+    def encode(self, *args, **kwargs):
+        return self.tok.encode(*args, **kwargs)
+
+    def tokenize_messages(self, messages):
+        ids, mask = self.tok.tokenize_messages(messages)
+        return ids, mask[:-1] + [True]
+
+
+def test_masked_response_positions_kept_and_cut_with_the_response(tmp_path, tiny_tokenizer):
+    f = write(tmp_path, [pair("Where are the keys?", "The keys are in the garden by the tree.", "No.")])
+    tok = _EndMasked(tiny_tokenizer)
+    ex = preference_dataset(tok, source="json", data_files=f, split="train")[0]
+    ids, labels = ex["chosen_input_ids"], ex["chosen_labels"]
+    n_prompt = next(i for i, l in enumerate(labels) if l != -100)
+    assert labels[-1] == -100 and labels[n_prompt:-1] == ids[n_prompt:-1] and ids[-1] == tiny_tokenizer.eos_id
+    assert ex["rejected_labels"][-1] == -100 and ex["rejected_labels"][n_prompt] == ex["rejected_input_ids"][n_prompt]
+    # cut before its end, the chosen response keeps no masked position
+    full = len(ids)
+    cut = preference_dataset(tok, source="json", data_files=f, split="train", max_seq_len=full - 3)[0]
+    assert cut["chosen_input_ids"] == ids[: full - 3] and cut["chosen_labels"][n_prompt:] == ids[n_prompt : full - 3]
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_build_leaves_the_garbage_collector_as_it_found_it(tmp_path, tiny_tokenizer, enabled):
     """The encoder turns cyclic GC off for each batch and back on only if it was on."""
