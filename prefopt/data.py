@@ -340,12 +340,10 @@ class _PairEncoder:
         out: Dict[str, Any] = {"prompt_ids": prompt, "prompt_len": n_prompt}
         for key, n in (("chosen", n_c), ("rejected", n_r)):
             _, mask, p = sides[key]
-            try:  # the first masked position of the kept response, if any
-                first = mask.index(True, p, p + n)
-            except ValueError:
-                masked = []
-            else:
-                masked = [i - p for i in range(first, p + n) if mask[i]]
+            kept = mask[p : p + n]
+            # positions of the kept response whose label is ignored (any(): a bool's truth test is
+            # cheaper than list.index's comparisons, and most responses have none)
+            masked = [i for i, m in enumerate(kept) if m] if any(kept) else []
             if len(masked) == n:  # no labelled token left
                 raise self._bad(
                     row, self.cols[key],
