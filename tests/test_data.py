@@ -397,6 +397,89 @@ def test_cache_hit_reads_without_tokenizing_and_changes_rebuild(tmp_path, tiny_t
     assert len(list((cache / "preference").iterdir())) == 5  # one folder per distinct input, no leftovers
 
 
+def _no_load(monkeypatch):
+    """Make any read of the source rows fail the test (by pyarrow or by datasets)."""
+    import prefopt.data as pdata
+
+    def fail(*a, **k):
+        raise AssertionError("the source rows were read")
+
+    monkeypatch.setattr(pdata, "_read_json_lines", fail)
+    monkeypatch.setattr(pdata, "load_dataset", fail)
+
+
+def test_local_json_lines_cached_start_reads_no_row_and_keeps_the_dropped_lines(tmp_path, tiny_tokenizer, monkeypatch, caplog):
+    """Local JSON Lines files are keyed on their paths, sizes and modification times: a cached
+    start reads no row, and lines that were not JSON objects are still counted, warned about,
+    and raised in error mode (a file with such a line used to miss the cache every time: its
+    fixed copy had a new temporary path)."""
+    import logging
+
+    lines = [json.dumps(pair(f"Question {i}?", f"The good answer {i}.", f"Bad {i}.")) for i in range(6)]
+    lines[2] = lines[2][:30]  # cut short
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    kw = dict(source="json", data_files=str(f), cache_dir=str(tmp_path / "cache"))
+    first = preference_dataset(tiny_tokenizer, **kw)
+    assert first.cache_info["cache"] == "built" and first.dropped == {"invalid JSON": 1} and len(first) == 5
+    with monkeypatch.context() as m:
+        _no_load(m)
+        with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+            again = preference_dataset(tiny_tokenizer, **kw)
+        assert again.cache_info["cache"] == "hit" and again.dropped == {"invalid JSON": 1}
+        assert items(again) == items(first) and [again[i]["row"] for i in range(5)] == [0, 1, 3, 4, 5]
+        assert f"{f}: line 3 (row 2): not valid JSON (" in caplog.text and "the row is dropped" in caplog.text
+        with pytest.raises(BadExample, match=f"^{f}: line 3 \\(row 2\\): not valid JSON .*set on_bad_example=drop to skip it"):
+            preference_dataset(tiny_tokenizer, on_bad_example="error", **kw)
+    # a changed file rebuilds; no copy of the rows is left behind
+    f.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    changed = preference_dataset(tiny_tokenizer, **kw)
+    assert changed.cache_info["cache"] == "built" and len(changed) == 5 and not changed.dropped
+    built = sorted(Path(d.cache_info["path"]).name for d in (first, changed))
+    assert sorted(p.name for p in (tmp_path / "cache" / "preference").iterdir()) == built
+
+
+def test_a_tokenizer_that_has_tokenized_gets_the_same_cache_key(tmp_path):
+    """torchtune's sentencepiece tokenizer sets attributes at its first use; the key leaves them out."""
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    f = write(tmp_path, ROWS)
+    fresh = llama2_tokenizer(str(TINY_TOK), max_seq_len=None, prompt_template=None)
+    used = llama2_tokenizer(str(TINY_TOK), max_seq_len=None, prompt_template=None)
+    preference_dataset(used, source="json", data_files=write(tmp_path, ROWS[:2], "other.jsonl"), cache_dir=str(tmp_path / "c"))
+    assert "prefix" in vars(used._spm_model) and "prefix" not in vars(fresh._spm_model)
+    first = preference_dataset(fresh, source="json", data_files=f, cache_dir=str(tmp_path / "c"))
+    again = preference_dataset(used, source="json", data_files=f, cache_dir=str(tmp_path / "c"))
+    assert (first.cache_info["cache"], again.cache_info["cache"]) == ("built", "hit")
+    assert "prefix" in vars(used._spm_model)  # left as it was
+
+
+def test_local_json_lines_pyarrow_cannot_read_go_through_datasets(tmp_path, tiny_tokenizer, monkeypatch):
+    """What pyarrow cannot read as one table is read by datasets.load_dataset: a column whose
+    type changes (datasets' Json feature keeps such a column). Several files are one table, a
+    line longer than pyarrow's block is read with bigger blocks."""
+    import prefopt.data as pdata
+
+    loads = []
+    real = pdata.load_dataset
+    monkeypatch.setattr(pdata, "load_dataset", lambda *a, **k: loads.append(k["data_files"]) or real(*a, **k))
+    rows = [pair(f"Question {i}?", f"The good answer {i}.", f"Bad {i}.") for i in range(4)]
+    mixed = [dict(r) for r in rows]
+    mixed[1]["rejected"] = "a string, not messages"
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, mixed, "mixed.jsonl"), cache_dir=str(tmp_path / "c"))
+    assert ds.dropped == {"wrong type": 1} and [ds[i]["row"] for i in range(3)] == [0, 2, 3]
+    assert len(loads) == 1 and loads[0].endswith("mixed.jsonl")  # the rest: pyarrow's reader
+    files = [write(tmp_path, rows[:2], "a.jsonl"), write(tmp_path, rows[2:], "b.jsonl")]
+    two = preference_dataset(tiny_tokenizer, source="json", data_files=files, cache_dir=str(tmp_path / "c"))
+    assert len(two) == 4 and not two.dropped and [two[i]["row"] for i in range(4)] == [0, 1, 2, 3]
+    ref = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, rows, "ref.jsonl"), cache_dir=str(tmp_path / "c"))
+    assert items(two) == items(ref)
+    long = [pair("Question?", "word " * 300_000 + "end.", "Bad.")] + rows  # a 1.5 MB line
+    big = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, long, "long.jsonl"), cache_dir=str(tmp_path / "c"))
+    assert len(big) == 5 and big.lengths()["chosen_full"][0] > 300_000
+    assert len(loads) == 1
+
+
 def test_num_proc_gives_the_same_items(tmp_path, tiny_tokenizer):
     rows = [pair(f"Question {i}?", f"The good answer {i}.", f"Bad {i}.") for i in range(4000)]
     rows[2500] = {"chosen": [], "rejected": []}  # a bad row in the second shard
