@@ -10,11 +10,17 @@ TINY = REPO / "prefopt" / "assets" / "tiny"
 # Tests never reach a hub: everything they use ships with the repo or is made in tmp_path.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# ...and never write tokenized data into the user's cache (tune_run's subprocesses inherit it).
-if "PREFOPT_CACHE_DIR" not in os.environ:
-    import tempfile
+# ...and never write tokenized data, or datasets' copies of loaded files, into the user's caches
+# (tune_run's subprocesses and pytest-xdist's workers inherit the variables; the process that
+# made the folders removes them at exit). datasets reads HF_DATASETS_CACHE when it is imported.
+for _var, _prefix in (("PREFOPT_CACHE_DIR", "prefopt-test-cache-"), ("HF_DATASETS_CACHE", "prefopt-test-hf-")):
+    if _var not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
 
-    os.environ["PREFOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="prefopt-test-cache-")
+        os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
+        atexit.register(shutil.rmtree, os.environ[_var], True)
 
 
 # Test tiers: every test is in exactly one. ``unit`` (math, unit, in-process) is every test not
