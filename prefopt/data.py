@@ -938,6 +938,26 @@ def _read_manifest(folder: Path) -> Optional[Tuple[datasets.Dataset, Dict[int, s
     return (ds, unparsable) if len(ds) == manifest["rows"] else None
 
 
+# A build's scratch folders older than this are left over from a build that was killed
+# (a build of millions of rows takes minutes): they are removed at the next build.
+_STALE_SECONDS = 24 * 3600
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove the scratch folders (``raw-*``, ``*.tmp-*``) a killed build left in ``folder``:
+    those not modified for :data:`_STALE_SECONDS` (age, not the owner's pid: on a disk shared by
+    several nodes the owner may run on another machine)."""
+    now = time.time()
+    for p in folder.iterdir():
+        if (p.name.startswith("raw-") or ".tmp-" in p.name) and p.is_dir():
+            try:
+                if now - p.stat().st_mtime > _STALE_SECONDS:
+                    shutil.rmtree(p, ignore_errors=True)
+                    log.info("removed %s, left by a build that did not finish", p)
+            except OSError:  # another builder removed it first
+                pass
+
+
 def _tokenize(
     raw: Any,
     encoder: _PairEncoder,
@@ -977,6 +997,7 @@ def _tokenize(
             return hit[0], {"cache": "hit", "path": str(final), "num_proc": 0}
     tmp = root / "preference" / f"{key or 'uncached'}.tmp-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir(parents=True, exist_ok=True)
+    _remove_stale(tmp.parent)
     try:
         out = raw.with_format("arrow").map(
             encoder,
@@ -1041,7 +1062,7 @@ def _load_and_tokenize(
             raise BadExample(unparsable[first] + "; fix or delete that line, or set on_bad_example=drop to skip it", "invalid JSON")
         return tokens, unparsable, {"cache": "hit", "path": str(root / "preference" / key), "num_proc": 0}
     (root / "preference").mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="raw-", dir=root / "preference"))  # on the cache's disk, not in a RAM /tmp
+    scratch = Path(tempfile.mkdtemp(prefix=f"raw-{os.getpid()}-", dir=root / "preference"))  # on the cache's disk, not in a RAM /tmp
     try:
         raw, unparsable = _load_raw(source, split, filter_fn, kwargs, on_bad_example, fast=(scratch, fingerprint))
         tokens, info = _tokenize(raw, encoder, num_proc=num_proc, cache_dir=cache_dir, data_fingerprint=fingerprint, unparsable=unparsable)

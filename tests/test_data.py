@@ -454,6 +454,25 @@ def test_a_tokenizer_that_has_tokenized_gets_the_same_cache_key(tmp_path):
     assert "prefix" in vars(used._spm_model)  # left as it was
 
 
+def test_a_killed_builds_scratch_is_removed_by_the_next_build_once_stale(tmp_path, tiny_tokenizer):
+    import os
+    import time
+
+    folder = tmp_path / "c" / "preference"
+    old, recent, other = folder / "raw-123-abc", folder / "0123abcd.tmp-99-1", folder / "raw-notes.txt"
+    for d in (old, recent):
+        d.mkdir(parents=True)
+        (d / "raw-0.arrow").write_bytes(b"x" * 100)
+    other.write_text("a file, not a scratch folder")
+    two_days = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days, two_days))
+    os.utime(other, (two_days, two_days))
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=write(tmp_path, ROWS), cache_dir=str(tmp_path / "c"))
+    assert ds.cache_info["cache"] == "built"
+    assert not old.exists() and recent.exists() and other.exists()  # only what is stale, and only scratch folders
+    assert sorted(p.name for p in folder.iterdir()) == sorted([recent.name, other.name, Path(ds.cache_info["path"]).name])
+
+
 def test_local_json_lines_pyarrow_cannot_read_go_through_datasets(tmp_path, tiny_tokenizer, monkeypatch):
     """What pyarrow cannot read as one table is read by datasets.load_dataset: a column whose
     type changes (datasets' Json feature keeps such a column). Several files are one table, a
