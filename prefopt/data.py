@@ -567,6 +567,11 @@ def _is_json_lines(path: Path, first: bytes) -> bool:
         return False
 
 
+def _invalid_json(line_message: str) -> BadExample:
+    """The error for a JSON Lines line that is not a JSON object (error mode)."""
+    return BadExample(line_message + "; fix or delete that line, or set on_bad_example=drop to skip it", "invalid JSON")
+
+
 def scan_json_lines(
     source: str, files: Any, on_bad_example: str = "drop", *, scratch: Optional[Path] = None, thorough: bool = True
 ) -> Tuple[Any, Dict[int, str], Optional[int]]:
@@ -639,7 +644,7 @@ def scan_json_lines(
                 if problem is not None:
                     msg = f"{path}: line {lineno} (row {row}): {problem}"
                     if on_bad_example == "error":
-                        raise BadExample(msg + "; fix or delete that line, or set on_bad_example=drop to skip it", "invalid JSON")
+                        raise _invalid_json(msg)
                     bad_rows[offset + row] = msg
                     bad_lines.add(lineno)
                 row += 1
@@ -802,7 +807,7 @@ def _files_fingerprint(paths: Sequence[Path], split: str, filter_fn: Optional[Ca
         fn = Hasher.hash(filter_fn) if filter_fn is not None else None
     except Exception:
         return None
-    stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    stats = [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in ((p, p.stat()) for p in paths)]
     return hashlib.sha256(json.dumps(["json-lines", stats, split, fn]).encode()).hexdigest()
 
 
@@ -826,13 +831,10 @@ def _read_json_lines(files: Sequence[Any], out: Path, fingerprint: str) -> Optio
                 log.debug("%s: files of different columns; datasets.load_dataset reads them", files)
                 return None
             break
-        except pa.ArrowInvalid as e:
-            if "straddling" in str(e) and block < (64 << 20):  # a line longer than a block
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            if isinstance(e, pa.ArrowInvalid) and "straddling" in str(e) and block < (64 << 20):  # a line longer than a block
                 block *= 8
                 continue
-            log.debug("pyarrow cannot read %s as one table (%s); datasets.load_dataset reads it", files, e)
-            return None
-        except pa.ArrowNotImplementedError as e:
             log.debug("pyarrow cannot read %s as one table (%s); datasets.load_dataset reads it", files, e)
             return None
     return datasets.Dataset(MemoryMappedTable.from_file(str(out)), fingerprint=fingerprint)
@@ -896,8 +898,9 @@ def _load_raw(
             try:
                 data = None
                 if fast is not None:
-                    data = read if early is not None and not unparsable else None
-                    if data is None and (early is None or unparsable):  # the lines replaced: read the copies
+                    if early is not None and not unparsable:
+                        data = read
+                    else:  # the thorough pass, or lines replaced: read the files the scan gives
                         data = _read_json_lines(_file_list(load_files), fast[0] / f"raw-{int(thorough)}.arrow", fast[1])
                     if data is None and not thorough:
                         continue  # pyarrow failed: a line the quick scan let through, presumably
@@ -1058,8 +1061,7 @@ def _load_and_tokenize(
     if hit is not None:
         tokens, unparsable = hit
         if unparsable and on_bad_example == "error":  # what the scan raises when it reads the file
-            first = min(unparsable)
-            raise BadExample(unparsable[first] + "; fix or delete that line, or set on_bad_example=drop to skip it", "invalid JSON")
+            raise _invalid_json(unparsable[min(unparsable)])
         return tokens, unparsable, {"cache": "hit", "path": str(root / "preference" / key), "num_proc": 0}
     (root / "preference").mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"raw-{os.getpid()}-", dir=root / "preference"))  # on the cache's disk, not in a RAM /tmp
