@@ -6,8 +6,8 @@ Prints one JSON list, one entry per step: the positions each layout puts through
 (padding included) and through the output layer. The layouts are our recipes' own collates on our
 own dataset class, so the figures are what the runs compute, not a model of it:
 
-- packed (ours_lora): prefopt.packing.packed_collate_preference, [rows, row length];
-- padded (ours_lora_padded): prefopt.data.padded_collate_preference, [2b, longest sequence];
+- packed (ours_lora): prefopt.collate.packed_collate_preference, [rows, row length];
+- padded (ours_lora_padded): prefopt.collate.padded_collate_preference, [2b, longest sequence];
 - TRL: CPOTrainer's concatenated_inputs pads chosen and rejected to one common length, the same
   [2b, longest sequence] as our padded layout, and its model computes logits at every position.
 
@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.wordtok import PAD_ID, WordTokenizer  # noqa: E402
-from prefopt.data import padded_collate_preference, preference_dataset  # noqa: E402
-from prefopt.packing import packed_collate_preference  # noqa: E402
+from prefopt.collate import packed_collate_preference, padded_collate_preference  # noqa: E402
+from prefopt.data import preference_dataset  # noqa: E402
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def build_model(vocab: int, lora: bool = True, seed: int = 0) -> torch.nn.Module
 
 def make_batch(pairs: int, prompt_len: int, response_len: int, vocab: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """[2*pairs, 1+P+R+1] tokens (chosen rows then rejected rows, shared prompts) and labels
-    (IGNORE on BOS + prompt), the layout of prefopt.data.padded_collate_preference."""
+    (IGNORE on BOS + prompt), the layout of prefopt.collate.padded_collate_preference."""
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, vocab, (pairs, prompt_len), generator=g)
     rows, labels = [], []

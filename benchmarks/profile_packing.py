@@ -63,9 +63,9 @@ def main() -> None:
     from torchtune.models.llama2 import lora_llama2
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-    from prefopt.data import padded_collate_preference, preference_dataset
+    from prefopt.collate import packed_collate_preference, padded_collate_preference
+    from prefopt.data import preference_dataset
     from prefopt.loss import SimPOLoss
-    from prefopt.packing import packed_collate_preference
 
     shape = SHAPES[a.shape]
     torch.manual_seed(0)

@@ -15,28 +15,27 @@ Why our own (torchtune's ``PreferenceDataset(packed=True)`` raises "not supporte
 trainer): nobody ships this for preference losses, and the layout must keep the micro-batch's
 pairs exactly, so that the loss and every metric are the same quantities as in the padded layout.
 
-The attention mask is described by two ``[R, L]`` tensors (``doc_pair``: which pair a position
+:func:`row_layout` chooses the rows; :func:`prefopt.collate.packed_collate_preference` lays the
+tokens out. The attention mask is described by two ``[R, L]`` tensors (``doc_pair``: which pair a position
 belongs to, a unique id per padding position; ``doc_kind``: 0 shared, 1 chosen, 2 rejected,
 3 padding) and built on the device by :func:`packed_attention_mask`: a dense boolean
 ``[R, L, L]`` on the CPU (FlexAttention has no backward on the CPU in torch 2.13), a
 FlexAttention ``BlockMask`` on CUDA.
 """
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from prefopt.logprobs import ScorePlan, _empty_rows_error
-
-__all__ = ["packed_collate_preference", "bucket_length", "packed_attention_mask", "packing_unsupported_reason", "SHARED", "CHOSEN", "REJECTED", "PAD"]
+__all__ = ["row_layout", "bucket_length", "padding_share", "packed_share", "packed_attention_mask", "packing_unsupported_reason", "SHARED", "CHOSEN", "REJECTED", "PAD"]
 
 SHARED, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
 
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two 1-d arrays (pure)."""
     m = min(len(a), len(b))
     diff = np.flatnonzero(a[:m] != b[:m])
     return int(diff[0]) if diff.size else m
@@ -88,17 +87,16 @@ def _cheapest_layout(lengths: Sequence[int], limit: float, embed_dim: int):
     return best[1], best[2]
 
 
-def packed_collate_preference(
-    batch: Sequence[Mapping[str, Any]],
-    padding_idx: int = 0,
-    ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
+def row_layout(
+    lengths: Sequence[int],
+    *,
     pad_to_multiple_of: int = 1,
     row_len: Optional[int] = None,
     static_shapes: bool = False,
     max_seq_len: Optional[int] = None,
     embed_dim: int = 4096,
-) -> Dict[str, Any]:
-    """Lay a micro-batch of pairs out packed and prefix-shared (see the module docstring).
+) -> Optional[Tuple[List[List[int]], int]]:
+    """Which pairs share which row, and the row length (pure).
 
     Rows are filled first-fit-decreasing up to a capacity: ``row_len`` if given, else the one (from
     the longest pair of the batch up to the whole batch in one row) that minimises the estimated
@@ -112,52 +110,24 @@ def packed_collate_preference(
     ``dynamic=False``: every new ``[rows, length]`` would recompile it, and after Dynamo's
     recompile limit it falls back to an unfused attention that materialises the scores.
 
-    No row is longer than ``max_seq_len`` (the model's: torchtune's decoders refuse longer
-    inputs); a batch holding a pair whose packed length exceeds it (two long responses after a
-    short prompt) is laid out padded instead (:func:`prefopt.data.padded_collate_preference`),
-    which the step takes as well.
-
     Args:
-        batch: items of :class:`prefopt.data.PreferenceDataset` (``chosen_input_ids``,
-            ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels``, ``row``).
-        padding_idx (int): token id for padding at the end of rows.
-        ignore_idx (int): label value of unscored positions.
+        lengths: [b] each pair's packed length (shared prefix + both suffixes).
         pad_to_multiple_of (int): round the row length up to a multiple of this.
         row_len (Optional[int]): the row capacity; raised to the longest pair if smaller.
         static_shapes (bool): one row of a bucketed length (see above), on CUDA.
-        max_seq_len (Optional[int]): the model's longest input.
+        max_seq_len (Optional[int]): the model's longest input: no row is longer (torchtune's
+            decoders refuse longer inputs).
         embed_dim (int): the model's width, for the cost estimate of a row's attention.
 
     Returns:
-        Dict[str, Any]: ``tokens`` [R, L], ``input_pos`` [R, L], ``doc_pair`` [R, L],
-        ``doc_kind`` [R, L] (uint8), ``plan`` (:class:`~prefopt.logprobs.ScorePlan` of the 2b
-        sequences: chosen ``[:b]``, rejected ``[b:]``), ``rows`` [b] (source rows),
-        ``num_tokens`` (0-d: prompt + chosen + rejected tokens of every pair, the padded
-        layout's count, so that throughput figures compare), ``chosen_tokens`` (0-d: scored
-        chosen tokens) and ``packed_tokens`` (0-d: positions actually computed, padding excluded).
-
-    Raises:
-        ValueError: naming the source rows of sequences with no scored token.
+        ``(rows of pair indices, row length)``, or None when a pair alone exceeds ``max_seq_len``.
     """
-    b = len(batch)
-    seqs = []
-    for ex in batch:
-        c = np.asarray(ex["chosen_input_ids"], dtype=np.int64)
-        r = np.asarray(ex["rejected_input_ids"], dtype=np.int64)
-        cl = np.asarray(ex["chosen_labels"], dtype=np.int64)
-        rl = np.asarray(ex["rejected_labels"], dtype=np.int64)
-        k = _common_prefix(c, r)
-        seqs.append((c, r, cl, rl, k, len(c) + len(r) - k))
-    lengths = [s[5] for s in seqs]
     limit = max_seq_len or float("inf")
     if max(lengths) > limit:
-        from prefopt.data import padded_collate_preference
-
-        return padded_collate_preference(batch, padding_idx=padding_idx, ignore_idx=ignore_idx,
-                                         pad_to_multiple_of=pad_to_multiple_of)
+        return None
     one_row = bucket_length(sum(lengths)) if static_shapes else None
     if static_shapes and one_row <= limit:
-        layout = [sorted(range(b), key=lambda i: -lengths[i])]
+        layout = [sorted(range(len(lengths)), key=lambda i: -lengths[i])]
         seq_len = one_row
     elif static_shapes:  # rows of the model's full length: only the number of rows varies
         layout = _first_fit_decreasing(lengths, int(limit))
@@ -170,74 +140,53 @@ def packed_collate_preference(
     seq_len += -seq_len % pad_to_multiple_of
     if seq_len > limit:  # the rounding must not pass the model's limit (seq_len itself does not)
         seq_len = int(limit)
-    n_rows = len(layout)
+    return layout, seq_len
 
-    tokens = np.full((n_rows, seq_len), padding_idx, dtype=np.int64)
-    input_pos = np.zeros((n_rows, seq_len), dtype=np.int64)
-    # padding positions: a pair id of their own each (> every real pair id), so that they attend
-    # only to themselves (a fully masked query row would make the attention NaN)
-    doc_pair = (b + np.arange(n_rows * seq_len, dtype=np.int64)).reshape(n_rows, seq_len)
-    doc_kind = np.full((n_rows, seq_len), PAD, dtype=np.uint8)
-    pos_segment = np.full((n_rows, seq_len), 3 * b, dtype=np.int64)
-    seg_to_seq = np.zeros((3 * b, 2 * b), dtype=np.float32)
-    seq_positions = np.zeros(2 * b, dtype=np.int64)
-    index: List[np.ndarray] = [None] * (2 * b)  # type: ignore[list-item]
-    targets: List[np.ndarray] = [None] * (2 * b)  # type: ignore[list-item]
 
-    for row, pairs in enumerate(layout):
-        base = 0
-        for i in pairs:
-            c, r, cl, rl, k, n = seqs[i]
-            nc, nr = len(c), len(r)
-            span = slice(base, base + n)
-            tokens[row, base : base + nc] = c
-            tokens[row, base + nc : base + n] = r[k:]
-            input_pos[row, base : base + nc] = np.arange(nc)
-            input_pos[row, base + nc : base + n] = np.arange(k, nr)
-            doc_pair[row, span] = i
-            doc_kind[row, base : base + k] = SHARED
-            doc_kind[row, base + k : base + nc] = CHOSEN
-            doc_kind[row, base + nc : base + n] = REJECTED
-            pos_segment[row, base : base + k] = 3 * i
-            pos_segment[row, base + k : base + nc] = 3 * i + 1
-            pos_segment[row, base + nc : base + n] = 3 * i + 2
-            seg_to_seq[3 * i, [i, b + i]] = 1.0
-            seg_to_seq[3 * i + 1, i] = 1.0
-            seg_to_seq[3 * i + 2, b + i] = 1.0
-            seq_positions[i], seq_positions[b + i] = nc, nr
-            flat0 = row * seq_len + base
-            # position t of a sequence predicts its token t + 1; chosen positions are contiguous
-            # from the pair's start, rejected ones jump over the chosen suffix after the prefix
-            t = np.flatnonzero(cl[1:] != ignore_idx)
-            index[i], targets[i] = flat0 + t, cl[1:][t]
-            t = np.flatnonzero(rl[1:] != ignore_idx)
-            index[b + i], targets[b + i] = flat0 + np.where(t < k, t, t + nc - k), rl[1:][t]
-            base += n
+def padding_share(chosen_lens: np.ndarray, rejected_lens: np.ndarray, batch_size: int, seed: int = 0) -> float:
+    """Share of the tokens of :func:`prefopt.collate.padded_collate_preference` batches that are padding, for
+    batches of ``batch_size`` pairs drawn in a seeded random order (as a shuffling sampler
+    does; the last partial batch is left out). Pure.
 
-    seq_num_tokens = np.array([len(x) for x in index], dtype=np.int64)
-    empty = np.flatnonzero(seq_num_tokens == 0)
-    if empty.size:
-        raise _empty_rows_error(empty.tolist(), ignore_idx)
-    plan = ScorePlan(
-        score_index=torch.from_numpy(np.concatenate(index)),
-        score_targets=torch.from_numpy(np.concatenate(targets)),
-        score_seq=torch.from_numpy(np.repeat(np.arange(2 * b), seq_num_tokens)),
-        seq_num_tokens=torch.from_numpy(seq_num_tokens),
-        pos_segment=torch.from_numpy(pos_segment.reshape(-1)),
-        seg_to_seq=torch.from_numpy(seg_to_seq),
-        seq_positions=torch.from_numpy(seq_positions),
-    )
-    return {
-        "tokens": torch.from_numpy(tokens),
-        "input_pos": torch.from_numpy(input_pos),
-        "doc_pair": torch.from_numpy(doc_pair),
-        "doc_kind": torch.from_numpy(doc_kind),
-        "plan": plan,
-        "rows": torch.tensor([ex.get("row", -1) for ex in batch]),
-        "num_tokens": torch.tensor(int(seq_positions.sum())),
-        "chosen_tokens": torch.tensor(int(seq_num_tokens[:b].sum())),
-        "packed_tokens": torch.tensor(int(sum(lengths))),
-    }
+    Args:
+        chosen_lens, rejected_lens (np.ndarray): [n] tokens of each pair's two sequences.
+        batch_size (int): pairs per batch (each batch is 2 * batch_size rows).
+
+    Returns:
+        float: padding tokens / all tokens, 0.0 if there is not one full batch.
+    """
+    n = len(chosen_lens) // batch_size * batch_size
+    if n == 0:
+        return 0.0
+    perm = np.random.default_rng(seed).permutation(len(chosen_lens))[:n]
+    c = np.asarray(chosen_lens)[perm].reshape(-1, batch_size)
+    r = np.asarray(rejected_lens)[perm].reshape(-1, batch_size)
+    longest = np.maximum(c.max(1), r.max(1)).astype(np.int64)
+    real = c.sum(dtype=np.int64) + r.sum(dtype=np.int64)
+    return float(1.0 - real / (longest.sum() * 2 * batch_size))
+
+
+def packed_share(prompt_lens: np.ndarray, chosen_lens: np.ndarray, rejected_lens: np.ndarray, batch_size: int,
+                 seed: int = 0) -> float:
+    """Positions the packed, prefix-shared layout computes (each prompt once, no padding between
+    pairs; the padding at the end of its rows left out) as a share of the padded layout's, for
+    batches as in :func:`padding_share`. Pure.
+
+    Args:
+        prompt_lens, chosen_lens, rejected_lens (np.ndarray): [n] tokens of each pair's prompt and
+            responses (without the prompt).
+        batch_size (int): pairs per batch.
+
+    Returns:
+        float: packed positions / padded positions, 1.0 if there is not one full batch.
+    """
+    n = len(prompt_lens) // batch_size * batch_size
+    if n == 0:
+        return 1.0
+    perm = np.random.default_rng(seed).permutation(len(prompt_lens))[:n]
+    p, c, r = (np.asarray(x, dtype=np.int64)[perm].reshape(-1, batch_size) for x in (prompt_lens, chosen_lens, rejected_lens))
+    padded = (np.maximum((p + c).max(1), (p + r).max(1)) * 2 * batch_size).sum()
+    return float((p + c + r).sum() / padded)
 
 
 def _mask_mod(doc_pair: torch.Tensor, doc_kind: torch.Tensor):

@@ -78,8 +78,8 @@ def preference_forward(
 
     Args:
         model (nn.Module): a torchtune ``TransformerDecoder`` (LoRA, FSDP2, compiled, AC alike).
-        batch (Mapping[str, Any]): from :func:`prefopt.data.padded_collate_preference` or
-            :func:`prefopt.packing.packed_collate_preference` (the packed layout carries
+        batch (Mapping[str, Any]): from :func:`prefopt.collate.padded_collate_preference` or
+            :func:`prefopt.collate.packed_collate_preference` (the packed layout carries
             ``input_pos``, ``doc_pair`` and ``doc_kind``), on the CPU.
         loss_fn (nn.Module): a reference-free loss (see the module docstring for what it declares).
         device (torch.device): the training device; the batch is copied there without a sync.

@@ -53,8 +53,8 @@ from prefopt.checkpointing import (
     state_dirs,
     state_root,
 )
+from prefopt.collate import packed_collate_preference, padded_collate_preference
 from prefopt.config import Key, at_least, one_of, positive, validate_config
-from prefopt.data import padded_collate_preference
 from prefopt.guards import (
     CONFIG_FILE,
     RESUME_KEYS,
@@ -70,7 +70,7 @@ from prefopt.guards import (
     save_run_config,
 )
 from prefopt.metrics import PreferenceMetrics
-from prefopt.packing import packed_collate_preference, packing_unsupported_reason
+from prefopt.packing import packing_unsupported_reason
 from prefopt.process import run_and_exit
 from prefopt.step import preference_forward
 

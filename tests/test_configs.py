@@ -245,8 +245,8 @@ def test_components_build(path):
                 }
                 bad = sorted(set(extra) - allowed)
                 assert not bad, f"{key}: {bad} are neither preference_dataset nor datasets.load_dataset arguments"
-                assert args.get("prompt_truncation", "keep_end") in pdata._PROMPT_TRUNCATION
-                assert args.get("on_bad_example", "drop") in pdata._ON_BAD
+                assert args.get("prompt_truncation", "keep_end") in pdata.PROMPT_TRUNCATION
+                assert args.get("on_bad_example", "drop") in pdata.ON_BAD_EXAMPLE
                 assert not args.get("train_on_input", False)
                 fmt = args.get("format", "messages")
                 assert fmt in pdata.FORMATS, f"{key}.format {fmt!r}"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from prefopt.data import BadExample, find_undecodable_text, padded_collate_preference, preference_dataset, truncate_pair
+from prefopt.collate import padded_collate_preference
+from prefopt.data import BadExample, find_undecodable_text, preference_dataset, truncate_pair
 
 
 def test_truncate_pair_princeton_rule():
@@ -80,20 +81,6 @@ def test_masked_response_positions_kept_and_cut_with_the_response(tmp_path, tiny
     full = len(ids)
     cut = preference_dataset(tok, source="json", data_files=f, split="train", max_seq_len=full - 3)[0]
     assert cut["chosen_input_ids"] == ids[: full - 3] and cut["chosen_labels"][n_prompt:] == ids[n_prompt : full - 3]
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_build_leaves_the_garbage_collector_as_it_found_it(tmp_path, tiny_tokenizer, enabled):
-    """The encoder turns cyclic GC off for each batch and back on only if it was on."""
-    import gc
-
-    f = write(tmp_path, [pair("Where are the keys?", "The keys are in the garden.", "No.")])
-    (gc.enable if enabled else gc.disable)()
-    try:
-        ds = preference_dataset(tiny_tokenizer, source="json", data_files=f, split="train", cache_dir=tmp_path / "c", num_proc=1)
-        assert len(ds) == 1 and gc.isenabled() is enabled
-    finally:
-        gc.enable()
 
 
 def test_bad_rows_dropped_and_counted(tmp_path, tiny_tokenizer, caplog):
@@ -238,7 +225,7 @@ def test_find_undecodable_text_passes_valid_text(tmp_path):
 def test_lone_surrogate_reaching_a_row_is_a_bad_example(tmp_path, tiny_tokenizer, monkeypatch):
     """A loader that hands over Python strings with a lone surrogate (none of the `datasets`
     formats can: they store UTF-8) gets the row check: no tokenizer can encode such text."""
-    import prefopt.data as pdata
+    import prefopt.data.sources as pdata  # where the rows are read
 
     rows = json.loads(json.dumps(ROWS))
     rows[2]["chosen"][0]["content"] += "\udfff"
@@ -399,7 +386,7 @@ def test_cache_hit_reads_without_tokenizing_and_changes_rebuild(tmp_path, tiny_t
 
 def _no_load(monkeypatch):
     """Make any read of the source rows fail the test (by pyarrow or by datasets)."""
-    import prefopt.data as pdata
+    import prefopt.data.sources as pdata  # where the rows are read
 
     def fail(*a, **k):
         raise AssertionError("the source rows were read")
@@ -477,7 +464,7 @@ def test_local_json_lines_pyarrow_cannot_read_go_through_datasets(tmp_path, tiny
     """What pyarrow cannot read as one table is read by datasets.load_dataset: a column whose
     type changes (datasets' Json feature keeps such a column). Several files are one table, a
     line longer than pyarrow's block is read with bigger blocks."""
-    import prefopt.data as pdata
+    import prefopt.data.sources as pdata  # where the rows are read
 
     loads = []
     real = pdata.load_dataset
@@ -541,7 +528,7 @@ def test_one_rank_builds_the_others_read_its_cache(tmp_path):
 
 
 def test_padding_share_by_hand():
-    from prefopt.data import padding_share
+    from prefopt.packing import padding_share
 
     # one batch of 2 pairs: rows 4, 2 (chosen) and 1, 3 (rejected), padded to 4: 6 pad of 16
     assert padding_share(np.array([4, 2]), np.array([1, 3]), 2) == pytest.approx(6 / 16)
@@ -575,7 +562,7 @@ def test_collate_takes_numpy_items():
 
 
 def test_packed_share_by_hand():
-    from prefopt.data import packed_share, padding_share
+    from prefopt.packing import packed_share, padding_share
 
     # one batch of 2 pairs: prompts 10 and 2, responses (5, 3) and (1, 1)
     p, c, r = np.array([10, 2]), np.array([5, 1]), np.array([3, 1])
@@ -583,3 +570,53 @@ def test_packed_share_by_hand():
     assert packed_share(p, c, r, 2) == pytest.approx(22 / 60)
     assert padding_share(p + c, p + r, 2) == pytest.approx(1 - (15 + 13 + 3 + 3) / 60)
     assert packed_share(p, c, r, 3) == 1.0  # no full batch
+
+
+def test_bad_lines_and_bad_rows_are_decided_in_one_place_in_row_order(tmp_path, tiny_tokenizer, caplog):
+    """A line that is not a row and a row the encoder refuses are the same kind of bad row:
+    error mode raises the first in row order (whichever kind it is), drop mode drops both, and
+    a cached start (no row read) decides the same."""
+    import logging
+
+    lines = [json.dumps(pair(f"Question {i}?", f"The good answer {i}.", f"Bad {i}.")) for i in range(5)]
+    lines[1] = json.dumps(pair("Q?", "same", "same"))
+    lines[3] = "[1, 2]"
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    kw = dict(source="json", data_files=str(f), cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):  # built, then a hit
+        with pytest.raises(BadExample, match=f"^json:{f}: row 1, field 'rejected': chosen and rejected responses are identical"):
+            preference_dataset(tiny_tokenizer, on_bad_example="error", **kw)
+    with caplog.at_level(logging.WARNING, logger="prefopt.data"):
+        ds = preference_dataset(tiny_tokenizer, **kw)
+    assert ds.cache_info["cache"] == "hit" and [ds[i]["row"] for i in range(len(ds))] == [0, 2, 4]
+    assert dict(ds.dropped) == {"identical responses": 1, "invalid JSON": 1}
+    assert caplog.text.count(f"{f}: line 4 (row 3): a JSON list, not an object; the row is dropped") == 1
+    lines[1] = lines[0]
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadExample, match=f"^{f}: line 4 \\(row 3\\): a JSON list, not an object; fix or delete"):
+        preference_dataset(tiny_tokenizer, on_bad_example="error", **kw)
+
+
+def test_filter_fn_keeps_each_line_message_on_its_row(tmp_path, tiny_tokenizer):
+    """filter_fn renumbers the rows (items and row messages count rows after it; a broken line's
+    message names its line in the file): each broken line's message stays with its row."""
+    lines = [json.dumps(pair(f"Question {i}?", f"The good answer {i}.", f"Bad {i}.")) for i in range(6)]
+    lines[2], lines[4] = "null", lines[4][:25]
+
+    def no_question_1(row):  # a broken line is a row of nulls here
+        return row["chosen"] is None or "Question 1?" not in row["chosen"][0]["content"]
+
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=str(f), filter_fn=no_question_1, cache_dir=str(tmp_path / "c"))
+    assert [ds[i]["row"] for i in range(len(ds))] == [0, 2, 4] and dict(ds.dropped) == {"invalid JSON": 2}  # rows 0, 3, 5
+    with pytest.raises(BadExample, match=f"^{f}: line 3 \\(row 2\\): a JSON NoneType"):
+        preference_dataset(tiny_tokenizer, source="json", data_files=str(f), filter_fn=no_question_1, on_bad_example="error",
+                           cache_dir=str(tmp_path / "c"))
+
+    def only_broken(row):
+        return row["chosen"] is None or "Question 3?" in row["chosen"][0]["content"]
+
+    ds = preference_dataset(tiny_tokenizer, source="json", data_files=str(f), filter_fn=only_broken, cache_dir=str(tmp_path / "c"))
+    assert [ds[i]["row"] for i in range(len(ds))] == [1] and dict(ds.dropped) == {"invalid JSON": 2}  # row 3

@@ -25,8 +25,7 @@ def _model(tied: bool):
 
 
 def _batch(packed: bool):
-    from prefopt.data import padded_collate_preference
-    from prefopt.packing import packed_collate_preference
+    from prefopt.collate import packed_collate_preference, padded_collate_preference
 
     g = torch.Generator().manual_seed(1)
     items = []

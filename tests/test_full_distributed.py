@@ -112,7 +112,7 @@ def reference_run(tmp_path, n_steps: int, global_batch: int, clip, total_steps: 
 def _reference_run(tmp_path, n_steps, global_batch, clip, total_steps):
     from torchtune import config as tt_config
 
-    from prefopt.data import padded_collate_preference
+    from prefopt.collate import padded_collate_preference
     from prefopt.logprobs import sequence_logps
 
     cfg = _tiny_cfg()

@@ -75,8 +75,7 @@ def test_bf16_fused_projection_close_to_fp32():
 
 def test_block_mask_packed_equals_padded():
     """FlexAttention BlockMask (the packed layout on CUDA) vs the padded layout, fp32: 1e-4."""
-    from prefopt.data import padded_collate_preference
-    from prefopt.packing import packed_collate_preference
+    from prefopt.collate import packed_collate_preference, padded_collate_preference
 
     model = _model()
     items = _items()
@@ -92,8 +91,7 @@ def test_block_mask_packed_equals_padded():
 def test_step_makes_no_host_sync(packed):
     """CUDA's sync debug mode raises on any synchronizing call inside the step's forward and
     backward (the batch is pinned, as the recipes' DataLoader pins it)."""
-    from prefopt.data import padded_collate_preference
-    from prefopt.packing import packed_collate_preference
+    from prefopt.collate import packed_collate_preference, padded_collate_preference
 
     model = _model(torch.bfloat16)
     batch = (packed_collate_preference if packed else padded_collate_preference)(_items())
@@ -112,7 +110,7 @@ def test_bf16_lora_with_fp32_adapters_close_to_fp32():
     """bf16 base + float32 adapters: losses within 0.02 of the fp32 model's; adapter grads fp32."""
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-    from prefopt.packing import packed_collate_preference
+    from prefopt.collate import packed_collate_preference
     from prefopt.peft import keep_adapters_in_fp32
 
     batch = packed_collate_preference(_items())
@@ -132,7 +130,7 @@ def test_compile_equals_eager_on_cuda():
     """torch.compile per decoder layer (the recipes' compile) vs eager, fp32: 1e-4."""
     from torchtune import training
 
-    from prefopt.packing import packed_collate_preference
+    from prefopt.collate import packed_collate_preference
 
     batch = packed_collate_preference(_items())
     eager, _ = _step(_model(), batch)
@@ -147,7 +145,7 @@ def test_activation_offloading_keeps_the_losses_and_gradients():
     fused projection: the same losses and gradients as without it (fp32, 1e-5)."""
     from torchtune import modules, training
 
-    from prefopt.packing import packed_collate_preference
+    from prefopt.collate import packed_collate_preference
 
     batch = packed_collate_preference(_items())
     ref, ref_grads = _step(_model(), batch)

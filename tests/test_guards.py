@@ -167,9 +167,9 @@ FULL = load_recipe("simpo_full_distributed")
 
 
 # ---------------------------------------------------------------------------------------------- data
-# A broken line of each kind the loader meets: the quick scan parses only lines that do not look
-# like an object; pyarrow rejects invalid JSON between braces and reads two objects on one line as
-# two rows, and either makes the loader parse every line (prefopt.data._load_raw).
+# A broken line of each kind the loader meets (prefopt.data.sources parses every line): cut short,
+# invalid JSON between braces (looks like an object), two objects on one line (pyarrow would read
+# two rows), a JSON value that is not an object.
 _BROKEN = {
     "cut short": (lambda line: line[:40], "not valid JSON ("),
     "invalid between braces": (lambda line: line[:40] + ", }", "not valid JSON ("),
@@ -203,8 +203,8 @@ def test_empty_file_and_invalid_json_line_named_and_dropped(tmp_path, tiny_token
 
 
 def test_lines_found_by_both_scans_are_warned_once(tmp_path, tiny_tokenizer, caplog):
-    """A `null` line (the quick scan finds it) beside invalid JSON between braces (only the
-    thorough scan, after pyarrow fails): both dropped, each named once."""
+    """A `null` line (pyarrow would read it as a row of nulls) beside invalid JSON between braces
+    (pyarrow rejects the file): both dropped, each named once."""
     from prefopt.data import preference_dataset
 
     lines = (TINY / "train.jsonl").read_text().splitlines()[:6]

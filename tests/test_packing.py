@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from prefopt.data import padded_collate_preference
+from prefopt.collate import packed_collate_preference, padded_collate_preference
 from prefopt.loss import SimPOLoss
 from prefopt.packing import (
     CHOSEN,
@@ -14,7 +14,6 @@ from prefopt.packing import (
     REJECTED,
     SHARED,
     packed_attention_mask,
-    packed_collate_preference,
     packing_unsupported_reason,
 )
 from prefopt.step import preference_forward
@@ -260,3 +259,16 @@ def test_default_row_capacity_combines_pairs_when_it_is_cheaper():
     # with a narrow model, attention weighs more: equal-length pairs stay in rows of their own
     items = [_pair(g, 40, 30, 30, row=0), _pair(g, 40, 30, 30, row=1)]
     assert packed_collate_preference(items, embed_dim=8)["tokens"].shape == (2, 100)
+
+
+def test_row_layout_by_hand():
+    """Which pairs share a row, worked by hand: first-fit-decreasing at row_len, one bucketed row
+    with static shapes (rows of the model's length when that does not fit), None past the limit."""
+    from prefopt.packing import row_layout
+
+    assert row_layout([5, 3, 2], row_len=6) == ([[0], [1, 2]], 5)
+    assert row_layout([5, 3, 2], row_len=6, pad_to_multiple_of=4) == ([[0], [1, 2]], 8)
+    assert row_layout([5, 3, 2], row_len=6, pad_to_multiple_of=4, max_seq_len=7) == ([[0], [1, 2]], 7)  # capped
+    assert row_layout([5, 3, 2], static_shapes=True) == ([[0, 1, 2]], 512)
+    assert row_layout([300, 200, 100], static_shapes=True, max_seq_len=400) == ([[0, 2], [1]], 400)
+    assert row_layout([5, 9], max_seq_len=8) is None

@@ -6,7 +6,7 @@ What is driven on each side:
 * **Ours**: a torchtune ``llama2`` loaded through ``FullModelHFCheckpointer(model_type="LLAMA2")``,
   ``prefopt.step.preference_forward`` (response positions only, fused output layer),
   ``prefopt.loss.SimPOLoss``, ``prefopt.metrics.PreferenceMetrics``, and
-  ``prefopt.data.padded_collate_preference``: the lines of ``recipes/simpo_lora_single_device.py``'s
+  ``prefopt.collate.padded_collate_preference``: the lines of ``recipes/simpo_lora_single_device.py``'s
   ``_forward``/``train``, with all weights trainable instead of LoRA.
 * **TRL** (``trl.experimental.cpo``, or ``trl`` for releases that still export it there): a real
   ``CPOTrainer`` built offline (``CPOConfig(loss_type="simpo", cpo_alpha=0, ...)``, a tiny
@@ -51,7 +51,8 @@ from torchtune.models.llama2 import llama2
 from torchtune.training import FullModelHFCheckpointer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from prefopt.data import padded_collate_preference, preference_dataset, truncate_pair
+from prefopt.collate import padded_collate_preference
+from prefopt.data import preference_dataset, truncate_pair
 from prefopt.loss import SimPOLoss
 from prefopt.metrics import PreferenceMetrics
 from prefopt.step import preference_forward

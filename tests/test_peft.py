@@ -3,8 +3,8 @@
 import torch
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
+from prefopt.collate import packed_collate_preference
 from prefopt.loss import SimPOLoss
-from prefopt.packing import packed_collate_preference
 from prefopt.peft import keep_adapters_in_fp32
 from prefopt.step import preference_forward
 
