@@ -23,5 +23,5 @@ fi
 # `tune run recipes/<name>.py` imports the module `recipes.<name>`. torchtune's wheel installs a
 # top-level `recipes` package whose __init__.py only raises an error, and it would shadow this
 # repo's recipes/ package. torchtune runs its own recipes by file path and never imports that
-# package, so we remove just that one file (see README, "How `tune run recipes/...` works").
+# package, so we remove just that one file (see docs/tune_run.md).
 .venv/bin/python -m prefopt.tune_compat
