@@ -1,11 +1,26 @@
 """prefopt: reference-free preference optimization (SimPO) for torchtune users.
 
-- :mod:`prefopt.loss`: ``SimPOLoss`` (drop-in for torchtune 0.5's), plus torchtune's DPO/RSO/PPO losses.
-- :mod:`prefopt.logprobs`: per-sequence average/sum log-probs without a float32 logits copy.
-- :mod:`prefopt.data`: preference datasets with princeton-style truncation, and the collate.
+Each module has one job:
+
+- :mod:`prefopt.loss`: the preference losses: ``SimPOLoss`` (drop-in for torchtune 0.5's), CPO,
+  ORPO, and torchtune's DPO/RSO/PPO re-exported.
+- :mod:`prefopt.logprobs`: per-sequence average/sum log-probs of response tokens without a
+  float32 logits copy.
+- :mod:`prefopt.step`: one preference step's forward (tokens -> log-probs -> loss, rewards, metric
+  inputs), written once for both recipes.
+- :mod:`prefopt.data`: the preference data set: sources read, rows checked, tokenized, truncated
+  and cached (its modules: ``sources``, ``encoding``, ``cache``, ``dataset``).
+- :mod:`prefopt.collate`: the padded and the packed collates, items -> the step's batch tensors.
+- :mod:`prefopt.packing`: the packed, prefix-shared layout (which pairs share a row) and its
+  attention mask.
 - :mod:`prefopt.metrics`: the metrics TRL and princeton log, reduced over micro-batches and ranks.
-- :mod:`prefopt.config`: start-up config validation for the recipes.
+- :mod:`prefopt.config`: start-up validation of a recipe's config, every problem in one error.
 - :mod:`prefopt.checkpointing`: the start-up free-space check for checkpoints, write-error messages.
+- :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.
+- :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
+- :mod:`prefopt.logs`: reading the metric files torchtune's ``DiskLogger`` writes.
+- :mod:`prefopt.cli`: the ``prefopt`` command (``ls``, ``cp``, ``run``, ``plot``).
+- :mod:`prefopt.tune_compat`: makes ``tune run recipes/<name>.py`` find this repo's recipes.
 """
 
 __version__ = "0.1.0"
