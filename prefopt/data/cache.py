@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import datasets
 import torch
 
-from prefopt.data.encoding import FEATURES, FORMATS, PairEncoder
+from prefopt.data.encoding import FEATURES, FORMATS, PairEncoder, format_hint
 
 __all__ = ["default_cache_dir", "default_num_proc", "cache_key", "read_cached", "build_tokens", "NodeBuilderFirst"]
 
@@ -82,14 +82,28 @@ def cache_key(data_fingerprint: str, encoder: PairEncoder) -> Optional[str]:
 
 
 def read_cached(folder: Path) -> Optional[datasets.Dataset]:
-    """The tokens of the complete build in ``folder``, memory-mapped; None if there is none."""
+    """The tokens of the complete build in ``folder``, memory-mapped; None if there is none.
+
+    A build that cannot be read (a file cut short or changed on disk) is moved out of the way
+    with a warning, so that this start builds it again, instead of failing at every start."""
+    if not (folder / "manifest.json").exists():
+        return None
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         parts = [datasets.Dataset.from_file(str(folder / f)) for f in manifest["files"]]
-    except (OSError, ValueError, KeyError, AttributeError):
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if len(ds) != manifest["rows"] or ds.features != FEATURES:
+            raise ValueError(f"{len(ds)} rows of {ds.features}, the manifest says {manifest['rows']} rows")
+        return ds
+    except Exception as e:  # noqa: BLE001 (pyarrow's errors, JSON, a missing file: all mean "rebuild")
+        log.warning("%s: the cached tokens cannot be read (%s: %s); building them again", folder, type(e).__name__, e)
+        aside = folder.with_name(f"{folder.name}.tmp-corrupt-{os.getpid()}-{time.time_ns()}")
+        try:
+            folder.rename(aside)  # (a ".tmp-" name: removed now, or by a later build once stale)
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:  # another rank moved it first
+            pass
         return None
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return ds if len(ds) == manifest["rows"] else None
 
 
 def _remove_stale(folder: Path) -> None:
@@ -129,6 +143,7 @@ def build_tokens(
         raise ValueError(
             f"{encoder.source_name}: no column {', '.join(map(repr, missing))} (columns: {raw.column_names}); format "
             f"{encoder.format!r} reads {FORMATS[encoder.format]}: set format, or column_map to rename them"
+            + format_hint(raw.select(range(min(len(raw), 20))).to_list(), encoder.format)
         )
     encoder.features = raw.features
     n_proc = max(1, min(num_proc or default_num_proc(), len(raw) // _MIN_ROWS_PER_PROC))

@@ -18,8 +18,8 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from prefopt.data.cache import NodeBuilderFirst, build_tokens, cache_key, cache_root, read_cached
-from prefopt.data.encoding import FORMATS, PROMPT_TRUNCATION, PairEncoder
-from prefopt.data.sources import INVALID_JSON, BadExample, files_fingerprint, local_json_lines, read_rows
+from prefopt.data.encoding import FORMATS, PROMPT_TRUNCATION, PairEncoder, format_hint
+from prefopt.data.sources import INVALID_JSON, BadExample, expand_data_files, files_fingerprint, local_json_lines, read_rows
 from prefopt.packing import packed_share, padding_share
 
 __all__ = ["ON_BAD_EXAMPLE", "PreferenceDataset", "preference_dataset"]
@@ -98,12 +98,12 @@ def load_tokens(
         key = cache_key(fingerprint, encoder) if fingerprint else None
         hit = read_cached(root / key) if key else None
         if hit is not None:
-            return {"tokens": hit, "cache": "hit", "path": str(root / key), "num_proc": 0}
+            return {"tokens": hit, "cache": "hit", "path": str(root / key), "num_proc": 0, "key": key}
         if raw is None:
             raw, encoder.line_errors = read_rows(source, split, kwargs, filter_fn, Path(scratch))
         tokens, info = build_tokens(raw, encoder, key=key, root=root, num_proc=num_proc)
         del raw  # (its Arrow file in scratch is removed with it)
-    return {"tokens": tokens, **info}
+    return {"tokens": tokens, **info, "key": key}
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -127,8 +127,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
     Items are dicts of ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
     ``rejected_labels`` (lists of ints: the prompt then the response; the prompt's labels are
     ``CROSS_ENTROPY_IGNORE_IDX``) and ``row`` (the source row). Attributes: ``dropped`` (Counter
-    of reasons), ``cache_info``, ``summary`` (the start-up text). Args: see
-    :func:`preference_dataset`.
+    of reasons), ``cache_info``, ``summary`` (the start-up text), ``identity`` (what a resume
+    compares: the source, the cache key of data + tokenizer + settings, None when not cached,
+    and the source's row count). Args: see :func:`preference_dataset`.
     """
 
     def __init__(
@@ -174,6 +175,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             )
         if num_proc is not None and num_proc < 1:
             raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+        if "data_files" in load_dataset_kwargs:
+            load_dataset_kwargs["data_files"] = expand_data_files(source, load_dataset_kwargs["data_files"])
         files = load_dataset_kwargs.get("data_files")
         self.source_name = f"{source}:{files}" if files else f"{source}[{split}]"
         self.format = format
@@ -197,7 +200,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
         # tokens are memory-mapped
         pa.default_memory_pool().release_unused()
         self.cache_info = {**info, "seconds": time.perf_counter() - t0}
-        self._keep = self._keep_or_raise(tokens, on_bad_example)
+        self.identity = {"source": self.source_name, "key": info.get("key"), "rows": len(tokens)}
+
+        def first_rows() -> list:  # (only for the error of a split whose every row is bad)
+            with tempfile.TemporaryDirectory() as scratch:
+                raw, _ = read_rows(source, split, load_dataset_kwargs, filter_fn, Path(scratch))
+                return list(raw.select(range(min(len(raw), 20))).to_list() if hasattr(raw, "select") else raw[:20])
+
+        self._keep = self._keep_or_raise(tokens, on_bad_example, first_rows)
         self._tokens = tokens.select_columns(["row", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_masked", "rejected_masked"])
         self._lengths = self._read_lengths(tokens.data)
         self.summary = self._summarize(batch_size)
@@ -210,7 +220,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             return error
         return f"{self.source_name}: {error}"
 
-    def _keep_or_raise(self, tokens: datasets.Dataset, on_bad_example: str) -> np.ndarray:
+    def _keep_or_raise(self, tokens: datasets.Dataset, on_bad_example: str, first_rows: Callable[[], list]) -> np.ndarray:
         """The one place ``on_bad_example`` is acted on: the indices of the good rows (drop: the
         bad ones counted in ``self.dropped`` and logged), or the first bad row raised, in row
         order (error).
@@ -242,7 +252,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
             )
         keep = np.flatnonzero(ok)
         if not len(keep):
-            raise ValueError(f"{self.source_name}: no usable preference pairs (dropped: {dict(self.dropped)})")
+            first = {}  # each reason's first row
+            for reason, error in zip(reasons, errors):
+                first.setdefault(reason, self._message(error, reason))
+            raise ValueError(
+                f"{self.source_name}: no usable preference pairs (dropped: {dict(self.dropped)}); the first row of each reason: "
+                + "; ".join(f"[{k}] {v}" for k, v in first.items()) + format_hint(first_rows(), self.format)
+            )
         return keep
 
     def lengths(self) -> Dict[str, np.ndarray]:

@@ -379,3 +379,22 @@ class PairEncoder:
         # of a dict of Python lists is several times slower.
         return pa.table(out, schema=_SCHEMA)
 
+
+
+def format_hint(rows: Sequence[Any], current: str) -> str:
+    """``"; the rows read as format 'x'"`` when every one of ``rows`` (a few source rows, Python
+    dicts) gives both conversations under another format with its own column names, else ``""``
+    (for the errors of a split whose rows all fail)."""
+    fits = []
+    for name, cols in FORMATS.items():
+        if name == current or not rows:
+            continue
+        enc = PairEncoder(tokenizer=None, format=name, column_map={c: c for c in cols}, new_system_prompt=None,
+                          max_seq_len=None, max_prompt_len=None, prompt_truncation="keep_end", source_name="")
+        try:
+            for i, r in enumerate(rows):
+                enc.conversations(i, r)
+        except (BadExample, AttributeError, TypeError, IndexError):
+            continue
+        fits.append(name)
+    return f"; the rows read as format {' or '.join(map(repr, fits))}: set dataset.format" if fits else ""

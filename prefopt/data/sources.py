@@ -20,7 +20,8 @@ import datasets
 import pyarrow as pa
 from datasets import load_dataset
 
-__all__ = ["BadExample", "INVALID_JSON", "find_undecodable_text", "scan_json_lines", "local_json_lines", "files_fingerprint", "read_rows"]
+__all__ = ["BadExample", "INVALID_JSON", "find_undecodable_text", "scan_json_lines", "expand_data_files", "local_json_lines",
+           "files_fingerprint", "read_rows"]
 
 log = logging.getLogger("prefopt.data")
 
@@ -131,6 +132,69 @@ def _local_files(source: str, files: Any) -> List[Path]:
     return [Path(f) for f in _file_list(files) if isinstance(f, (str, Path)) and Path(f).is_file()]
 
 
+# which files of a folder each source reads (a folder given as data_files)
+_SUFFIXES = {"json": (".json", ".jsonl", ".ndjson"), "csv": (".csv",), "text": (".txt",), "parquet": (".parquet",), "arrow": (".arrow",)}
+# the first bytes of binary formats a text source cannot read
+_MAGIC = {b"PAR1": ("a Parquet file", "source: parquet"), b"ARROW1": ("an Arrow file", "source: arrow"),
+          b"\x1f\x8b": ("gzip-compressed", "a .gz name (datasets decompresses it)"), b"PK\x03\x04": ("a zip archive", "its extracted files")}
+
+
+def expand_data_files(source: str, files: Any) -> Any:
+    """``data_files`` with each local folder replaced by the files in it that ``source`` reads
+    (sorted; ``datasets`` does not read a folder given as a file: "Unable to find").
+
+    Raises:
+        ValueError: a folder with no such file, naming it and what it holds.
+    """
+    def expand(f: Any) -> List[Any]:
+        if not isinstance(f, (str, Path)) or not Path(f).is_dir():
+            return [f]
+        found = sorted(str(p) for p in Path(f).iterdir() if p.is_file() and p.suffix in _SUFFIXES.get(source, ()))
+        if not found:
+            held = sorted(p.name for p in Path(f).iterdir())[:8]
+            raise ValueError(f"data_files: {f} is a folder with no {'/'.join(_SUFFIXES.get(source, ('?',)))} file for source "
+                             f"{source!r} (it holds {held}); name the files, or a glob such as {Path(f) / '*.jsonl'}")
+        return found
+
+    if isinstance(files, Mapping):
+        return {k: [x for f in ([v] if isinstance(v, (str, Path)) else v) for x in expand(f)] for k, v in files.items()}
+    if isinstance(files, (str, Path)):
+        out = expand(files)
+        return out[0] if len(out) == 1 and out[0] == files else out
+    if isinstance(files, (list, tuple)):
+        return [x for f in files for x in expand(f)]
+    return files
+
+
+def _columns(path: Path, source: str) -> Optional[List[str]]:
+    """The columns of a local file from its first row (JSON Lines) or header (CSV), else None."""
+    first = _first_nonblank_line(path)
+    if first is None:
+        return None
+    try:
+        if source == "json" and _is_json_lines(path, first):
+            return sorted(json.loads(first))
+        if source == "csv":
+            import csv
+
+            return next(csv.reader([first.decode("utf-8")]))
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def different_columns(source: str, files: Any) -> Optional[str]:
+    """A message naming the files of one ``data_files`` list and their columns when the local
+    files' columns differ (``datasets`` fails on them with a bare DatasetGenerationError), else
+    None."""
+    cols = {str(p): _columns(p, source) for p in _local_files(source, files)}
+    seen = {tuple(c) for c in cols.values() if c is not None}
+    if len(seen) < 2:
+        return None
+    listed = "; ".join(f"{f}: {c}" for f, c in cols.items() if c is not None)
+    return f"data_files: the files do not have the same columns ({listed}): give them the same columns, or load them as separate data sets"
+
+
 def _first_nonblank_line(path: Path) -> Optional[bytes]:
     with open(path, "rb") as fh:
         return next((line for line in fh if line.strip()), None)
@@ -198,15 +262,20 @@ def local_json_lines(source: str, split: str, kwargs: Dict[str, Any]) -> Optiona
 
 def files_fingerprint(paths: Sequence[Path], split: str, filter_fn: Optional[Callable]) -> Optional[str]:
     """What identifies the rows of local files without reading them: each file's resolved path,
-    size and modification time (as ``datasets`` fingerprints local files), the split and the
-    filter. None if the filter cannot be hashed."""
+    size, modification time, inode and status-change time, the split and the filter. None if the
+    filter cannot be hashed.
+
+    Size and mtime alone (``datasets``' fingerprint of local files) miss a corrected file copied
+    in with ``cp -p`` or ``rsync -a`` (same size, mtime set back): a new file has a new inode, and
+    no tool can set the status-change time, which any write moves. Reading the content instead
+    would cost a cached start ~1 s per GB."""
     from datasets.fingerprint import Hasher
 
     try:
         fn = Hasher.hash(filter_fn) if filter_fn is not None else None
     except Exception:
         return None
-    stats = [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in ((p, p.stat()) for p in paths)]
+    stats = [[str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns] for p, st in ((p, p.stat()) for p in paths)]
     return hashlib.sha256(json.dumps(["json-lines", stats, split, fn]).encode()).hexdigest()
 
 
@@ -223,6 +292,13 @@ def _check_files(source: str, files: Any, scratch: Path) -> Tuple[Any, Dict[int,
     replaced: Dict[str, str] = {}
     rows = 0
     for path in _local_files(source, files):
+        if path.suffix in (".gz", ".bz2", ".xz", ".zst", ".zip"):
+            continue  # compressed by name: datasets decompresses it
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        for magic, (what, use) in _MAGIC.items():
+            if head.startswith(magic):
+                raise ValueError(f"{path}: {what} (its first bytes are {head[:len(magic)]!r}), not {source} text: use {use}")
         first = _first_nonblank_line(path)
         if first is None:
             raise ValueError(f"{path}: the data file is empty (no rows): check the path in data_files or the export that wrote it")
@@ -319,6 +395,9 @@ def read_rows(
                 found = find_undecodable_text(f)
                 if found is not None:
                     raise BadExample(f"{found}; the file cannot be loaded, fix or delete that line", "undecodable text") from e
+            differ = different_columns(source, kwargs.get("data_files"))
+            if differ is not None:
+                raise ValueError(differ) from e
             raise
     if filter_fn is not None:
         data = data.filter(filter_fn)
