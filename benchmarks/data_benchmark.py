@@ -1,7 +1,7 @@
 """Preference data at scale: first build, cached start, memory, two ranks vs one.
 
-    python benchmarks/data_benchmark.py                 # new pipeline (~4 min on 2 cores)
-    python benchmarks/data_benchmark.py --old           # also the eager pre-#14 pipeline (~2 min more)
+    python benchmarks/data_benchmark.py                 # ~4 min on 2 cores
+    python benchmarks/data_benchmark.py --repeat 1      # one first build instead of three
 
 On a seeded UltraFeedback-shaped file (benchmarks/make_pref_data.py, 60,000 rows, written once
 to --dir) with prefopt's tiny sentencepiece tokenizer, each figure from a fresh process:
@@ -25,13 +25,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "prefopt" / "assets" / "tiny" / "tokenizer.model"
-OLD_COMMIT = "b602a3f"  # the last commit with the eager, in-process PreferenceDataset
 
 
 def _mem() -> dict:
@@ -58,25 +56,10 @@ def _cpu() -> float:
 def child(a) -> None:
     """One data-set build in this process; prints one JSON line."""
     t_start = time.perf_counter()
-    if a.impl == "old":
-        import importlib.util
-
-        src = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:prefopt/data.py"], capture_output=True, text=True, check=True).stdout
-        path = Path(tempfile.mkdtemp()) / "old_data.py"
-        path.write_text(src)
-        spec = importlib.util.spec_from_file_location("old_data", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        build = lambda tok: mod.preference_dataset(tok, source="json", data_files=a.data, split="train", max_seq_len=2048, max_prompt_len=1800)  # noqa: E731
-    else:
-        import prefopt.data as mod
-
-        build = lambda tok: mod.preference_dataset(  # noqa: E731
-            tok, source="json", data_files=a.data, split="train", max_seq_len=2048, max_prompt_len=1800,
-            num_proc=a.num_proc, cache_dir=a.cache, batch_size=4,
-        )
     import torch.distributed as dist
     from torchtune.models.llama2 import llama2_tokenizer
+
+    from prefopt.data import preference_dataset
 
     if "LOCAL_RANK" in os.environ:
         dist.init_process_group("gloo")
@@ -84,11 +67,12 @@ def child(a) -> None:
     gc.collect()
     before = _mem()
     t0, cpu0 = time.perf_counter(), _cpu()
-    ds = build(tok)
+    ds = preference_dataset(tok, source="json", data_files=a.data, split="train", max_seq_len=2048, max_prompt_len=1800,
+                            num_proc=a.num_proc, cache_dir=a.cache, batch_size=4)
     seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
     gc.collect()
     after = _mem()
-    res = {"impl": a.impl, "rank": int(os.environ.get("RANK", 0)), "seconds": seconds, "cpu_seconds": cpu, "pairs": len(ds),
+    res = {"rank": int(os.environ.get("RANK", 0)), "seconds": seconds, "cpu_seconds": cpu, "pairs": len(ds),
            "imports_seconds": t0 - t_start, "before": before, "after": after, "cache": getattr(ds, "cache_info", {}).get("cache"),
            "load": os.getloadavg()}
     if dist.is_initialized():
@@ -132,14 +116,12 @@ def _added(r, key="after"):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--impl", default="new", choices=["new", "old"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--read-all", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dir", default="/tmp/prefopt-bench", help="where the data file and the caches go")
     ap.add_argument("--rows", type=int, default=60_000)
     ap.add_argument("--num-proc", type=int, default=None, help="tokenizing processes (default: the cores available)")
-    ap.add_argument("--old", action="store_true", help="also measure the eager pre-#14 pipeline")
     ap.add_argument("--repeat", type=int, default=3, help="first builds to run (the median is reported)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data.json"))
     a = ap.parse_args()
@@ -164,11 +146,6 @@ def main() -> None:
         return env, ["--data", str(data), "--cache", str(d / name / "prefopt"), *np_args]
 
     out = {"load_before": os.getloadavg(), "cpus": len(os.sched_getaffinity(0)), "rows": a.rows, "file_mb": data.stat().st_size / 2**20}
-    if a.old:
-        env, args = fresh("old")
-        (r,), _ = _run(["--impl", "old", *args], env)
-        out["old"] = r
-        print(f"old: build {r['seconds']:.1f} s, {r['cpu_seconds']:.1f} CPU-s, RSS added {_added(r)[0]['VmRSS']:.0f} MiB (peak {_added(r)[1]:.0f})", flush=True)
     # Several first builds (fresh caches each): this machine's speed varies by a few seconds
     # from one minute to the next; the median is the figure, all of them are kept.
     builds = []
@@ -176,14 +153,14 @@ def main() -> None:
         env, args = fresh("one")
         (r,), _ = _run(args, env)
         builds.append(r)
-        print(f"new first build: {r['seconds']:.1f} s, {r['cpu_seconds']:.1f} CPU-s ({r['cache']}), RSS added {_added(r)[0]}, peak {_added(r)[1]:.0f}", flush=True)
+        print(f"first build: {r['seconds']:.1f} s, {r['cpu_seconds']:.1f} CPU-s ({r['cache']}), RSS added {_added(r)[0]}, peak {_added(r)[1]:.0f}", flush=True)
     out["first_builds"] = [{"seconds": b["seconds"], "cpu_seconds": b["cpu_seconds"], "load": b["load"]} for b in builds]
     out["first_build"] = r = sorted(builds, key=lambda b: b["seconds"])[len(builds) // 2]
     every = ", ".join(f"{b['seconds']:.1f}" for b in builds)
     print(f"first build, median of {len(builds)}: {r['seconds']:.1f} s (all: {every})", flush=True)
     (r,), _ = _run([*args, "--read-all"], env)
     out["cached_start"] = r
-    print(f"new cached start: {r['seconds']:.2f} s after {r['imports_seconds']:.1f} s of imports ({r['cache']}), RSS added {_added(r)[0]}, after reading every item {_added(r, 'after_read')[0]}", flush=True)
+    print(f"cached start: {r['seconds']:.2f} s after {r['imports_seconds']:.1f} s of imports ({r['cache']}), RSS added {_added(r)[0]}, after reading every item {_added(r, 'after_read')[0]}", flush=True)
     env, args = fresh("two")
     rs, wall = _run(args, env, nproc=2)
     out["two_ranks_cold"] = rs
@@ -194,10 +171,6 @@ def main() -> None:
     print(f"two ranks, cached, every item read: RSS added {[round(_added(x, 'after_read')[0]['VmRSS']) for x in rs]}, "
           f"PSS added {[round(_added(x, 'after_read')[0].get('Pss', 0)) for x in rs]} MiB", flush=True)
     out["load_after"] = os.getloadavg()
-    if "old" not in out and Path(a.out).exists():  # keep the last baseline figures
-        prev = json.loads(Path(a.out).read_text())
-        if "old" in prev:
-            out["old"] = prev["old"]
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"load average {out['load_before']} -> {out['load_after']}; wrote {a.out}")
 
