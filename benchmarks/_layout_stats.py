@@ -1,4 +1,4 @@
-"""What each tool's model runs on, step by step, for a data file read in order (--parts packing).
+"""What each tool's model runs on, step by step, for a data file read in order (packing_benchmark.py).
 
     python benchmarks/_layout_stats.py DATA.jsonl BATCH STEPS VOCAB
 
@@ -16,7 +16,7 @@ either layout; TRL at all of its [2b, L]. attention = sum over rows of L^2: the 
 dense [L, L] attention per row (our packed layout's block mask is dense on the CPU; a causal
 kernel may skip half of them for the padded layouts).
 
-A separate process so that run_benchmark.py itself never imports torch (see _make_model.py).
+A separate process so that packing_benchmark.py itself never imports torch (see _make_model.py).
 """
 
 import json

@@ -32,7 +32,7 @@ _GO = []  # (perf_counter, process CPU time) when the run was let go on after ea
 _OUT = None
 _ROWS = []  # --record-rows: the source rows of each micro-batch our recipes' step ran on
 _ROWS_OUT = None
-# Lockstep (set by run_benchmark.py): after each optimizer step, report on STATUS_FD and wait for
+# Lockstep (set by benchmarks/_runs.py): after each optimizer step, report on STATUS_FD and wait for
 # one byte on CTRL_FD before going on, so that the launcher can run the steps of several runs
 # one at a time, A B C A B C ..., each on an otherwise idle (by us) machine.
 _CTRL_FD = int(os.environ["STEPCLOCK_CTRL_FD"]) if "STEPCLOCK_CTRL_FD" in os.environ else None

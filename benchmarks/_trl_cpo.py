@@ -3,7 +3,8 @@
     python benchmarks/_trl_cpo.py --model DIR --data train.jsonl --output-dir DIR --steps N
         --batch-size 4 --lora-rank 8 --lora-alpha 16 --targets q_proj,v_proj
 
-Run by run_benchmark.py under benchmarks/_stepclock.py, which times the optimizer steps.
+Run by peers_benchmark.py and packing_benchmark.py under benchmarks/_stepclock.py, which times
+the optimizer steps.
 Settings that differ from CPOConfig's defaults, to match the torchtune runs: fp32 (bf16=False),
 no gradient checkpointing, no gradient clipping (max_grad_norm=0), constant LR, logging every
 step (the torchtune recipes log every step too), no checkpoint saving.

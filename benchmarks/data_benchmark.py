@@ -1,6 +1,7 @@
 """Preference data at scale: first build, cached start, memory, two ranks vs one.
 
     python benchmarks/data_benchmark.py                 # ~4 min on 2 cores
+    python benchmarks/data_benchmark.py --repeat 1      # one first build instead of three
 
 On a seeded UltraFeedback-shaped file (benchmarks/make_pref_data.py, 60,000 rows, written once
 to --dir) with prefopt's tiny sentencepiece tokenizer, each figure from a fresh process:
@@ -55,14 +56,10 @@ def _cpu() -> float:
 def child(a) -> None:
     """One data-set build in this process; prints one JSON line."""
     t_start = time.perf_counter()
-    import prefopt.data as mod
-
-    def build(tok):
-        return mod.preference_dataset(tok, source="json", data_files=a.data, split="train", max_seq_len=2048, max_prompt_len=1800,
-                                      num_proc=a.num_proc, cache_dir=a.cache, batch_size=4)
-
     import torch.distributed as dist
     from torchtune.models.llama2 import llama2_tokenizer
+
+    from prefopt.data import preference_dataset
 
     if "LOCAL_RANK" in os.environ:
         dist.init_process_group("gloo")
@@ -70,7 +67,8 @@ def child(a) -> None:
     gc.collect()
     before = _mem()
     t0, cpu0 = time.perf_counter(), _cpu()
-    ds = build(tok)
+    ds = preference_dataset(tok, source="json", data_files=a.data, split="train", max_seq_len=2048, max_prompt_len=1800,
+                            num_proc=a.num_proc, cache_dir=a.cache, batch_size=4)
     seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
     gc.collect()
     after = _mem()

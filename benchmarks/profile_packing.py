@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/profile_packing.py --data /tmp/prefopt_bench/data/long_prompt.jsonl \
         [--batch-size 2] [--step 1] [--shape decoder] [--out FILE.json]
 
-For --parts packing of run_benchmark.py, where a tokens/s target is missed: the pairs of step
+For packing_benchmark.py, where a tokens/s target is missed: the pairs of step
 --step of the data file (read in file order, as the benchmark's runs read it), laid out by our
 recipes' two collates, each put through one warm-up and one profiled forward + backward of
 prefopt.step.preference_forward (the recipes' step) on the LoRA Llama of --shape (random
@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benchmarks._make_model import LORA, SHAPES  # noqa: E402
 from benchmarks.profile_step import categorize  # noqa: E402
-from benchmarks.run_benchmark import LORA, SHAPES  # noqa: E402
 from benchmarks.wordtok import PAD_ID, WordTokenizer  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def step_once(model, batch, loss_fn, prof=None):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="a data file of run_benchmark.py --parts packing")
+    p.add_argument("--data", type=Path, required=True, help="a data file of packing_benchmark.py")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--step", type=int, default=1, help="profile the pairs of this step (0 = the warm-up step's)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="decoder")

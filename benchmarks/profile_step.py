@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/profile_step.py [--rounds 3] [--threads-compare] [--compile]
 
-Same shapes as run_benchmark.py (LoRA r8 q/v Llama, vocab 32000, hidden 256, 4 layers, fp32,
+Same shapes as peers_benchmark.py (LoRA r8 q/v Llama, vocab 32000, hidden 256, 4 layers, fp32,
 batch 4 pairs = 8 sequences of 382 tokens, half prompt), in this process:
 
 1. torch.profiler over one step of the recipe's path (``ours`` in benchmarks/_steps.py + the
@@ -225,7 +225,7 @@ def write(a, phases, cats, ops, med, med_cpu, times, check, mem, n_threads, comp
     L = [f"# Profile of our SimPO {'full fine-tuning' if a.full else 'LoRA'} step\n"]
     L.append(f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; {os.cpu_count()} CPUs ({cpu}), torch "
              f"{torch.__version__}, {n_threads} threads, load average {os.getloadavg()[0]:.1f} (shared machine). Shapes of "
-             f"run_benchmark.py: {'all weights trainable, AdamW over all' if a.full else 'LoRA r8 q/v'} Llama (vocab {VOCAB}, hidden 256, 4 layers), fp32, {PAIRS} pairs = {2 * PAIRS} "
+             f"peers_benchmark.py: {'all weights trainable, AdamW over all' if a.full else 'LoRA r8 q/v'} Llama (vocab {VOCAB}, hidden 256, 4 layers), fp32, {PAIRS} pairs = {2 * PAIRS} "
              f"sequences of {PROMPT + RESP + 2} tokens ({PROMPT + 1} prompt).\n")
     L.append("## Where the time goes (torch.profiler, one step of the recipe's path, self CPU time)\n")
     L.append("| phase | wall (s) |\n|---|---:|")

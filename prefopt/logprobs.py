@@ -395,10 +395,6 @@ def _attr_replaced(obj: object, name: str, value) -> Iterator[None]:
         delattr(obj, name)
 
 
-# Counts calls of the fused projection (tests check that FSDP layouts keep it on).
-FUSED_CALLS = [0]
-
-
 def scored_token_logps(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -440,7 +436,6 @@ def scored_token_logps(
     def fused_forward(x, weight=None):
         # The output module's own forward: under FSDP2 its (or the root's) pre-forward hook has
         # gathered the weight, so module.weight is the plain unsharded tensor here.
-        FUSED_CALLS[0] += 1
         w = weight if weight is not None else head.weight
         with torch.no_grad():
             result["logits_sum"] = result.pop("h_sum") @ w.sum(dim=0, dtype=torch.float32)

@@ -41,17 +41,6 @@ _NLL_REDUCTIONS = ("sequence", "token")
 _LN2 = math.log(2.0)
 
 
-class _DefaultGamma(float):
-    """SimPOLoss's default ``gamma`` (0.5): a float subclass, so that an explicit ``gamma=0.5``
-    (a plain float, not this object) can be told apart from the default."""
-
-    def __repr__(self) -> str:
-        return "0.5"
-
-
-_GAMMA_DEFAULT = _DefaultGamma(0.5)
-
-
 def _number(owner: str, name: str, value) -> float:
     """``value`` as a finite Python float: ints, floats, numpy scalars and 0-d / one-element
     tensors are numbers (torchtune 0.5 took them); bools, strings and NaN/inf are not."""
@@ -173,7 +162,8 @@ class SimPOLoss(nn.Module):
 
     Args:
         beta (float): reward scale β (> 0). Default 2.0 (the paper uses 2.0-10).
-        gamma (float): target reward margin γ in reward units (>= 0). Default 0.5.
+        gamma (Optional[float]): target reward margin γ in reward units (>= 0). ``None`` (the
+            default) is 0.5, or ``gamma_beta_ratio · beta`` when that is given.
         label_smoothing (float): ε in [0, 0.5): probability that a label is flipped (sigmoid only).
         loss_type (str): ``"sigmoid"`` (default) or ``"hinge"``.
         sft_weight (float): weight λ >= 0 of the chosen-response NLL term. Default 0.
@@ -196,7 +186,8 @@ class SimPOLoss(nn.Module):
     def __init__(
         self,
         beta: float = 2.0,
-        gamma: float = _GAMMA_DEFAULT,
+        # None, not 0.5: an explicit gamma=0.5 next to gamma_beta_ratio must be an error
+        gamma: Optional[float] = None,
         label_smoothing: float = 0.0,
         loss_type: str = "sigmoid",
         sft_weight: float = 0.0,
@@ -206,9 +197,9 @@ class SimPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         owner = "SimPOLoss"
-        gamma_given = gamma is not _GAMMA_DEFAULT
+        gamma_given = gamma is not None
         beta = _number(owner, "beta", beta)
-        gamma = _number(owner, "gamma", gamma)
+        gamma = _number(owner, "gamma", gamma) if gamma_given else 0.5
         label_smoothing = _number(owner, "label_smoothing", label_smoothing)
         sft_weight = _number(owner, "sft_weight", sft_weight)
         alpha = _number(owner, "alpha", alpha)

@@ -2,6 +2,7 @@
 one all-gather of each unit per forward/backward (2 gloo processes, in-process spawn)."""
 
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -37,6 +38,14 @@ def _batch(packed: bool):
     return (packed_collate_preference if packed else padded_collate_preference)(items)
 
 
+def _counting_fused_projection():
+    """Counts calls of the fused output projection (prefopt.logprobs.linear_token_logps, which
+    only the fused path of scored_token_logps calls)."""
+    from prefopt import logprobs
+
+    return mock.patch.object(logprobs, "linear_token_logps", wraps=logprobs.linear_token_logps)
+
+
 def _step(model, batch):
     from prefopt.loss import SimPOLoss
     from prefopt.step import preference_forward
@@ -59,7 +68,6 @@ CASES = [(t, lay, u, packed) for t, lay, u in LAYOUTS for packed in (False, True
 def _worker(rank, port, results):
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as pg
 
-    from prefopt import logprobs
     from recipes.simpo_full_distributed import _shard_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -77,10 +85,10 @@ def _worker(rank, port, results):
         full = {k: v.clone() for k, v in model.state_dict().items()}
         _shard_model(model, custom_sharded_layers=layout, cpu_offload=False, reshard_after_forward=True, mp_policy=None)
         gathers.clear()
-        logprobs.FUSED_CALLS[0] = 0
-        losses = _step(model, _batch(packed))
+        with _counting_fused_projection() as fused:
+            losses = _step(model, _batch(packed))
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-        results[(rank, i)] = {"fused": logprobs.FUSED_CALLS[0], "gathers": len(gathers), "losses": losses,
+        results[(rank, i)] = {"fused": fused.call_count, "gathers": len(gathers), "losses": losses,
                               "full": full, "grads": grads}
     dist.destroy_process_group()
 
@@ -100,15 +108,13 @@ def sharded_runs():
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"tied={t}-{lay}-packed={p}" for t, lay, _, p in CASES])
 def test_fused_projection_under_every_sharding_layout(sharded_runs, case):
-    from prefopt import logprobs
-
     tied, layout, units, packed = CASES[case]
     # the reference: the same model unsharded, one process
     model = _model(tied)
     model.load_state_dict(sharded_runs[(0, case)]["full"])
-    logprobs.FUSED_CALLS[0] = 0
-    ref = _step(model, _batch(packed))
-    assert logprobs.FUSED_CALLS[0] == 1
+    with _counting_fused_projection() as fused:
+        ref = _step(model, _batch(packed))
+    assert fused.call_count == 1
     ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for rank in (0, 1):
         r = sharded_runs[(rank, case)]

@@ -19,7 +19,14 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from prefopt.data.cache import NodeBuilderFirst, build_tokens, cache_key, cache_root, read_cached
 from prefopt.data.encoding import FORMATS, PROMPT_TRUNCATION, PairEncoder, format_hint
-from prefopt.data.sources import INVALID_JSON, BadExample, expand_data_files, files_fingerprint, local_json_lines, read_rows
+from prefopt.data.sources import (
+    INVALID_JSON,
+    BadExample,
+    expand_data_files,
+    files_fingerprint,
+    local_json_lines,
+    read_rows,
+)
 from prefopt.packing import packed_share, padding_share
 
 __all__ = ["ON_BAD_EXAMPLE", "PreferenceDataset", "preference_dataset"]
