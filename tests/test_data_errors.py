@@ -126,3 +126,23 @@ def test_every_row_dropped_shows_each_reasons_first_row_and_the_format_that_read
     )
     ds = preference_dataset(tiny_tokenizer, source="json", data_files=str(f), format="trl_strings", cache_dir=str(tmp_path / "cache"))
     assert len(ds) == 4
+
+
+def test_data_files_problems_found_without_reading_a_row(tmp_path):
+    """What the recipes check at start-up, before any model is built: a typo in a path, a folder
+    that does not exist, a split the local files do not have (a hub config's train_prefs)."""
+    from prefopt.data import data_files_problems
+
+    f = write(tmp_path / "pairs.jsonl", [pair(0)])
+    assert data_files_problems("json", "train", str(f)) == []
+    assert data_files_problems("json", "train[:90%]", [str(f)]) == []
+    assert data_files_problems("json", "test", {"train": str(f), "test": str(f)}) == []
+    assert data_files_problems("json", "train", str(tmp_path / "*.jsonl")) == []  # a glob: datasets' to resolve
+    assert data_files_problems("json", "train", str(tmp_path / "pair.jsonl")) == [
+        f"dataset.data_files: {tmp_path / 'pair.jsonl'} does not exist (its folder holds ['pairs.jsonl'])"]
+    assert data_files_problems("json", "train_prefs", str(tmp_path / "nope" / "a.jsonl"), key="eval_dataset") == [
+        f"eval_dataset.data_files: {tmp_path / 'nope' / 'a.jsonl'} does not exist (nor does its folder {tmp_path / 'nope'})",
+        "eval_dataset.split: 'train_prefs', but the local data_files have only the split(s) ['train'] "
+        "(data_files as a {split: files} mapping names others)",
+    ]
+    assert data_files_problems("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", None) == []

@@ -42,7 +42,7 @@ Formats (``column_map`` renames the columns when a file's names differ):
 from prefopt.data.cache import default_cache_dir
 from prefopt.data.dataset import ON_BAD_EXAMPLE, PreferenceDataset, preference_dataset
 from prefopt.data.encoding import FORMATS, PROMPT_TRUNCATION, truncate_pair
-from prefopt.data.sources import BadExample, find_undecodable_text
+from prefopt.data.sources import BadExample, data_files_problems, find_undecodable_text
 
 __all__ = [
     "preference_dataset",
@@ -53,5 +53,6 @@ __all__ = [
     "ON_BAD_EXAMPLE",
     "truncate_pair",
     "find_undecodable_text",
+    "data_files_problems",
     "default_cache_dir",
 ]

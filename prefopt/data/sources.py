@@ -11,6 +11,7 @@ it, for these rows and the encoder's alike.
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow as pa
 from datasets import load_dataset
 
 __all__ = ["BadExample", "INVALID_JSON", "find_undecodable_text", "scan_json_lines", "expand_data_files", "local_json_lines",
-           "files_fingerprint", "read_rows"]
+           "files_fingerprint", "read_rows", "data_files_problems"]
 
 log = logging.getLogger("prefopt.data")
 
@@ -405,3 +406,36 @@ def read_rows(
             kept = data._indices.column(0).to_pylist() if data._indices is not None else range(len(data))
             bad = {new: bad[old] for new, old in enumerate(kept) if old in bad}
     return data, bad
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def data_files_problems(source: str, split: str, data_files: Any, key: str = "dataset") -> List[str]:
+    """What is wrong with a config's local ``data_files`` and ``split``, found without reading a
+    row (for the recipes' start-up check, before any model is built): files that do not exist or
+    cannot be read, and a split the files do not have (local files have the split ``train``, or
+    the keys of a ``{split: files}`` mapping; hub configs name others, e.g. ``train_prefs``).
+
+    Returns:
+        List[str]: one message per problem, each naming ``<key>.data_files`` or ``<key>.split``.
+    """
+    if data_files is None:
+        return []
+    problems = []
+    for f in _file_list(data_files):
+        if not isinstance(f, (str, Path)) or _GLOB.search(str(f)) or "://" in str(f):
+            continue  # a glob or a remote file: datasets resolves it
+        p = Path(f)
+        if not p.exists():
+            near = sorted(x.name for x in p.parent.iterdir())[:8] if p.parent.is_dir() else None
+            problems.append(f"{key}.data_files: {f} does not exist" + (f" (its folder holds {near})" if near is not None else
+                                                                       f" (nor does its folder {p.parent})"))
+        elif not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
+            problems.append(f"{key}.data_files: {f} cannot be read (permissions)")
+    splits = list(data_files) if isinstance(data_files, Mapping) else ["train"]
+    base = re.split(r"[\[+]", split, maxsplit=1)[0]
+    if source in _SUFFIXES and base not in splits:
+        problems.append(f"{key}.split: {split!r}, but the local data_files have only the split(s) {splits}"
+                        + (" (data_files as a {split: files} mapping names others)" if not isinstance(data_files, Mapping) else ""))
+    return problems
