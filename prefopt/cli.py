@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from prefopt.config import load_config_file
+
 __all__ = ["main", "recipes_dir", "configs_dir", "list_recipes", "resolve_recipe", "resolve_config"]
 
 FULL_MARKER = "simpo_full"
@@ -147,6 +149,7 @@ def _run(argv: List[str]) -> int:
     i = rest.index("--config") + 1
     rest = list(rest)
     rest[i] = str(resolve_config(rest[i]))
+    load_config_file(rest[i])  # a YAML list or bad YAML: one line here, not torchtune's traceback
 
     # torchtune's `tune run` turns a non-built-in recipe path into a module dot path relative to
     # the cwd, which cannot name an installed file; its built-in branch runs a file by absolute
@@ -221,7 +224,11 @@ def _plot(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "run":  # everything after `run` belongs to torchrun / the recipe
-        return _run(argv[1:])
+        try:
+            return _run(argv[1:])
+        except (FileNotFoundError, ValueError) as e:  # an unknown recipe or config, a config that is not a mapping
+            print(f"prefopt run: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ls", help="list recipes and their configs").set_defaults(fn=_ls)

@@ -293,3 +293,26 @@ def validate_config(
             f"{len(problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems)
         )
     return values
+
+
+def load_config_file(path: Any) -> DictConfig:
+    """A recipe config file, read as ``tune run --config`` reads it, or one clear error.
+
+    Raises:
+        ConfigError: naming the file: it does not exist, is not valid YAML (with the line), or its
+            top level is not a mapping of keys (a YAML list, a plain value, an empty file).
+    """
+    import yaml
+
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(cfg, DictConfig) or not len(cfg):
+        what = "a YAML list" if isinstance(cfg, ListConfig) else "empty"
+        raise ConfigError(f"{path}: the config is {what}, not a mapping of keys (`key: value` lines, as in configs/tiny/simpo_lora.yaml)")
+    return cfg

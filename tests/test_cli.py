@@ -102,3 +102,25 @@ def test_run_args_switch_flags_take_no_value():
     assert flags == ["--nproc_per_node", "2", "--standalone"] and recipe == "x.py"
     flags, recipe, _ = _split_run_args(["--nnodes=2", "r", "--config", "c"])
     assert flags == ["--nnodes=2"] and recipe == "r"
+
+
+def test_run_unknown_recipe_and_a_config_that_is_not_a_mapping_are_one_line(tmp_path, capsys):
+    """`prefopt run` with an unknown recipe, a YAML list, bad YAML: exit 2 and one line naming the
+    problem on stderr, no traceback."""
+    from prefopt.cli import main
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- output_dir: /tmp/x\n- batch_size: 4\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: /tmp/x\nbatch_size: [4\n")
+    cases = [
+        (["run", "simpo_nope", "--config", "tiny/simpo_lora"], "prefopt run: no recipe 'simpo_nope'; known: "),
+        (["run", "simpo_lora_single_device", "--config", str(listed)],
+         f"prefopt run: {listed}: the config is a YAML list, not a mapping of keys"),
+        (["run", "simpo_lora_single_device", "--config", str(bad)], f"prefopt run: {bad}: not valid YAML (line 3, column 1): "),
+        (["run", "simpo_lora_single_device", "--config", "tiny/nope"], "prefopt run: no config 'tiny/nope'"),
+    ]
+    for argv, start in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(start) and err.count("\n") == 1 and "Traceback" not in err, err
