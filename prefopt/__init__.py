@@ -5,7 +5,9 @@
 - :mod:`prefopt.data`: preference datasets with princeton-style truncation, and the collate.
 - :mod:`prefopt.metrics`: the metrics TRL and princeton log, reduced over micro-batches and ranks.
 - :mod:`prefopt.config`: start-up config validation for the recipes.
-- :mod:`prefopt.checkpointing`: the start-up free-space check for checkpoints, write-error messages.
+- :mod:`prefopt.checkpointing`: the start-up checks that output_dir can hold the checkpoints.
+- :mod:`prefopt.resume`: resume states: written atomically, the newest intact one found, the config compared.
+- :mod:`prefopt.guards`: the device check, the output_dir lock, the training-collapse guard.
 """
 
 __version__ = "0.1.0"
