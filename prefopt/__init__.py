@@ -15,7 +15,9 @@ Each module has one job:
   attention mask.
 - :mod:`prefopt.metrics`: the metrics TRL and princeton log, reduced over micro-batches and ranks.
 - :mod:`prefopt.config`: start-up validation of a recipe's config, every problem in one error.
-- :mod:`prefopt.checkpointing`: the start-up free-space check for checkpoints, write-error messages.
+- :mod:`prefopt.checkpointing`: the start-up checks that output_dir can hold the checkpoints.
+- :mod:`prefopt.resume`: resume states: written atomically, the newest intact one found, the config
+  compared.
 - :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
 - :mod:`prefopt.logs`: reading the metric files torchtune's ``DiskLogger`` writes.

@@ -1,46 +1,31 @@
-"""Start-up and run-time guards shared by both recipes: the device, the output_dir (one run at a
-time, no silent mixing with another run's resume states), what a resume must match, which
-resume state is intact, and a training collapse that is finite but learns nothing.
+"""Start-up and run-time guards shared by both recipes: the device, one run at a time per
+output_dir, and a training collapse that is finite but learns nothing. (What a resume must match,
+and which resume state is intact, is :mod:`prefopt.resume`'s.)
 
 Everything here is torch-distributed free: the recipes decide which rank calls what (rank 0 owns
-the output_dir lock and the output_dir checks; every rank runs the collapse check on reduced
-values, so every rank decides the same).
+the output_dir lock; every rank runs the collapse check on reduced values, so every rank decides
+the same).
 """
 
 import fcntl
 import logging
 import os
-import pickle
-import shutil
 import socket
 import time
-import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     "check_device",
     "OutputDirLockedError",
     "lock_output_dir",
-    "ExistingRunError",
-    "check_fresh_output_dir",
-    "RESUME_KEYS",
-    "CONFIG_FILE",
-    "save_run_config",
-    "load_run_config",
-    "resume_mismatches",
-    "CorruptCheckpointError",
-    "load_checkpoint_file",
-    "load_newest_intact",
     "TrainingCollapseError",
     "CollapseGuard",
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +73,7 @@ def check_device(requested: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------
-# output_dir: one run at a time, and no fresh run on top of another run's resume states
+# output_dir: one run at a time
 
 LOCK_FILE = ".lock"
 
@@ -125,169 +110,6 @@ def lock_output_dir(output_dir: Union[str, Path]):
     f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     return f
-
-
-class ExistingRunError(FileExistsError):
-    """A fresh run was pointed at an output_dir that holds another run's resume states."""
-
-
-def check_fresh_output_dir(output_dir: Union[str, Path], state_dir: str, *, overwrite: bool) -> List[Path]:
-    """For a fresh run (``resume_from_checkpoint=False``): refuse an ``output_dir`` whose
-    ``state_dir`` holds resume states (``step_<N>``, complete or not), unless ``overwrite``, in
-    which case they, the saved ``config.yaml`` and the epoch exports (``epoch_<N>/``) are
-    removed so that the new run starts clean. Returns what was removed.
-
-    Why: the new run's ``step_<N>`` would sit beside (or replace) the old run's, and a later
-    ``resume_from_checkpoint=True`` would continue whichever is newest: a mix of two runs.
-
-    Raises:
-        ExistingRunError: naming the folder, what it holds and the two switches.
-    """
-    out = Path(output_dir)
-    root = out / state_dir
-    states = sorted(p for p in root.glob("step_*")) if root.is_dir() else []
-    if not states:
-        return []
-    if not overwrite:
-        names = ", ".join(p.name for p in states[:5]) + (f", ... ({len(states)} in all)" if len(states) > 5 else "")
-        raise ExistingRunError(
-            f"output_dir={str(out)!r} holds resume states of an earlier run ({root}: {names}), and this is a fresh run "
-            "(resume_from_checkpoint=False). Set resume_from_checkpoint=True to continue that run, "
-            "overwrite_output_dir=True to delete its states and start clean, or choose another output_dir."
-        )
-    removed = [root] + [p for p in [out / CONFIG_FILE, *sorted(out.glob("epoch_*"))] if p.exists()]
-    for p in removed:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    log.warning("overwrite_output_dir=True: removed %s", ", ".join(str(p) for p in removed))
-    return removed
-
-
-# ------------------------------------------------------------------------------------------------
-# what a resume must match
-
-# Top-level config keys (whole blocks: every key inside them) that must be the same in a resumed
-# run as in the run that wrote the resume state: they decide which pairs make up each step (the
-# data, its truncation, the order), how many steps there are (the LR schedule's length), and the
-# shapes of what is restored (the model, e.g. model.lora_rank). A new such key (say `packed`) is
-# one more entry here. Recipes add their own (e.g. optimizer_in_bwd) and derived values (the
-# distributed recipe: batch_size x world_size, since the world size may change on resume).
-RESUME_KEYS: Tuple[str, ...] = (
-    "model",
-    "dataset",
-    "seed",
-    "shuffle",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "epochs",
-    "max_steps_per_epoch",
-    "packed",
-)
-CONFIG_FILE = "config.yaml"
-
-
-def save_run_config(cfg: DictConfig, path: Union[str, Path]) -> None:
-    """Write ``cfg`` (interpolations resolved) to ``path`` as YAML, atomically (a temporary
-    name, then a rename), so that a kill never leaves half a config beside a resume state."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))))
-    os.replace(tmp, path)
-
-
-def load_run_config(path: Union[str, Path]) -> Optional[DictConfig]:
-    """The config saved by :func:`save_run_config`, or None if there is none (a resume state
-    written before configs were saved)."""
-    path = Path(path)
-    return OmegaConf.load(path) if path.is_file() else None
-
-
-def _flat(value: Any, prefix: str) -> Dict[str, Any]:
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        out: Dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out or {prefix: {}}
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple, DictConfig, ListConfig)) for v in value):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flat(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: list(value) if isinstance(value, tuple) else value}
-
-
-def resume_mismatches(
-    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] = RESUME_KEYS
-) -> List[str]:
-    """The config keys (dotted, e.g. ``model.lora_rank``) among ``keys`` whose values differ
-    between the saved run's config and this run's, as ``"key=<this run> in the config but
-    <saved> in the saved run"`` lines. A key missing on one side counts as ``<unset>``.
-    Interpolations are resolved on both sides; ``1`` and ``1.0`` are equal.
-
-    Args:
-        saved, current: configs (DictConfig or plain mappings).
-        keys: top-level keys to compare (default :data:`RESUME_KEYS`).
-    """
-    unset = "<unset>"
-    problems = []
-    for key in keys:
-        a = _flat(saved[key], key) if key in saved else {key: unset}
-        b = _flat(current[key], key) if key in current else {key: unset}
-        for k in sorted(set(a) | set(b), key=lambda s: (s not in b, s)):
-            va, vb = a.get(k, unset), b.get(k, unset)
-            if va != vb:
-                problems.append(f"{k}={vb!r} in the config but {va!r} in the saved run")
-    return problems
-
-
-# ------------------------------------------------------------------------------------------------
-# which resume state is intact
-
-
-class CorruptCheckpointError(RuntimeError):
-    """A file of a resume state cannot be read (truncated, overwritten, bit rot)."""
-
-
-# what torch.load / torch.distributed.checkpoint raise on a truncated or garbled file
-_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
-
-
-def load_checkpoint_file(path: Union[str, Path], **torch_load_kwargs: Any) -> Any:
-    """``torch.load(path, map_location="cpu", ...)``, with any read error turned into a
-    :class:`CorruptCheckpointError` naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", **torch_load_kwargs)
-    except _READ_ERRORS as e:
-        raise CorruptCheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
-
-
-def load_newest_intact(states: Sequence[Path], load: Callable[[Path], T]) -> Tuple[Path, T, List[str]]:
-    """Try ``load(state)`` on ``states`` (complete resume states, oldest first) from the newest
-    down; return the first that loads, its result, and one line per newer state that did not
-    (``load`` raises :class:`CorruptCheckpointError` for those; any other error, e.g. a config
-    mismatch, propagates at once: an older state would not fix it).
-
-    Raises:
-        FileNotFoundError: ``states`` is empty.
-        CorruptCheckpointError: every state is corrupt (one line per state).
-    """
-    if not states:
-        raise FileNotFoundError("no complete resume state")
-    skipped: List[str] = []
-    for state in reversed(list(states)):
-        try:
-            return state, load(state), skipped
-        except CorruptCheckpointError as e:
-            skipped.append(str(e))
-            if state is not states[0]:
-                log.warning("resume state %s is corrupt (%s); trying the next older one", state, e)
-    raise CorruptCheckpointError(
-        "every complete resume state is corrupt, none can be resumed from:\n  - " + "\n  - ".join(skipped)
-    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@
 
 import gc
 import resource
-import shutil
 import sys
 import time
 from functools import partial
@@ -27,7 +26,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, ListConfig
 from torch.distributed import destroy_process_group, init_process_group
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -37,41 +35,14 @@ from torchtune.datasets import ConcatDataset
 from torchtune.modules import TiedLinear
 from tqdm import tqdm
 
-from prefopt.checkpointing import (
-    STATE_DIR,
-    begin_state,
-    check_checkpoint_space,
-    check_output_dir,
-    checkpoint_bytes,
-    checkpoint_write_error,
-    complete_states,
-    describe_write_error,
-    latest_complete,
-    mark_complete,
-    optimizer_states_per_param,
-    publish_state,
-    state_dirs,
-    state_root,
-)
+from prefopt.checkpointing import check_checkpoint_space, check_output_dir, checkpoint_bytes, optimizer_states_per_param
 from prefopt.collate import packed_collate_preference, padded_collate_preference
 from prefopt.config import Key, at_least, one_of, positive, validate_config
-from prefopt.guards import (
-    CONFIG_FILE,
-    RESUME_KEYS,
-    CollapseGuard,
-    CorruptCheckpointError,
-    check_device,
-    check_fresh_output_dir,
-    load_checkpoint_file,
-    load_newest_intact,
-    load_run_config,
-    lock_output_dir,
-    resume_mismatches,
-    save_run_config,
-)
+from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packing_unsupported_reason
 from prefopt.process import run_and_exit
+from prefopt.resume import RESUME_KEYS, load_checkpoint_file, read_newest_state, start_fresh_run, write_state
 from prefopt.step import preference_forward
 
 log = utils.get_logger("INFO")
@@ -253,9 +224,8 @@ class SimPORecipeDistributed:
             log.info(f"device {self._device} (rank 0 of {self.world_size}), dtype {self._dtype}")
             check_output_dir(self._output_dir)
             self._lock = lock_output_dir(self._output_dir)  # rank 0 holds it for the whole run
-            if not v["resume_from_checkpoint"]:
-                check_fresh_output_dir(self._output_dir, STATE_DIR, overwrite=v["overwrite_output_dir"])
-                save_run_config(cfg, self._output_dir / CONFIG_FILE)  # a resumed run never overwrites it
+            if not v["resume_from_checkpoint"]:  # refuses another run's states; saves config.yaml
+                start_fresh_run(self._output_dir, cfg, overwrite=v["overwrite_output_dir"])
             self._check_checkpoint_space(n_params)
         dist.barrier()
 
@@ -697,44 +667,26 @@ class SimPORecipeDistributed:
         ``output_dir`` must be on storage that every node sees.
         """
         t0 = time.perf_counter()
-        final_dir, tmp_dir = state_dirs(self._output_dir, self.global_step)
-        # A write error on any rank (a full disk, ...) stops every rank with one message naming
-        # the folder; the partial step_<N>.tmp is removed and the previous states stay intact.
-        failed = None
-        if self._is_rank_zero:
-            try:
-                begin_state(tmp_dir)
-            except OSError as e:
-                failed = f"rank 0: {describe_write_error(e)}"
-        self._check_written(failed, tmp_dir)  # also the barrier: the folder exists
         model_sd, optim_sd = get_state_dict(self._model, self._optimizers)
         rng = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if self._device.type == "cuda" else None,
         }
-        try:
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp_dir)
-            torch.save(rng, tmp_dir / f"rng_rank{self.rank}.pt")
+
+        def write(d: Path) -> None:  # every rank: its shards and RNG state; rank 0 the recipe state
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=d)
+            torch.save(rng, d / f"rng_rank{self.rank}.pt")
             if self._is_rank_zero:
-                self._save_recipe_state(tmp_dir)
-                save_run_config(self._run_cfg, tmp_dir / CONFIG_FILE)  # what a resume must match
-        except (OSError, RuntimeError, CheckpointException) as e:
-            # DCP raises the same CheckpointException, naming the failed ranks, on every rank
-            failed = describe_write_error(e)
-            if not isinstance(e, CheckpointException):
-                failed = f"rank {self.rank}: {failed}"
-        self._check_written(failed, tmp_dir)  # every rank's shards and RNG are on disk
-        if self._is_rank_zero:
-            try:
-                mark_complete(tmp_dir, f"step {self.global_step}, {self.world_size} processes")
-            except OSError as e:
-                failed = f"rank 0: {describe_write_error(e)}"
-        self._check_written(failed, tmp_dir)
-        if self._is_rank_zero:
-            publish_state(tmp_dir, final_dir)
-            self._prune_resume_states()
-            log.info(f"Resume state saved to {final_dir} in {time.perf_counter() - t0:.1f}s")
-        dist.barrier()
+                self._save_recipe_state(d)
+
+        # Rank 0 makes step_<N>.tmp, adds config.yaml and, once every rank's files are on disk,
+        # COMPLETE, then renames it (prefopt.resume). A write error on any rank (a full disk, ...)
+        # stops every rank with one message naming the folder; the previous states stay intact.
+        final_dir = write_state(
+            self._output_dir, self.global_step, self._run_cfg, write,
+            note=f"step {self.global_step}, {self.world_size} processes", keep_last=self._keep_last, distributed=True,
+        )
+        self._info(f"Resume state saved to {final_dir} in {time.perf_counter() - t0:.1f}s")
 
         if not end_of_epoch:
             return
@@ -748,18 +700,6 @@ class SimPORecipeDistributed:
             log.info(f"Full model of epoch {epoch} saved in {time.perf_counter() - t0:.1f}s")
         del full
         dist.barrier()
-
-    def _check_written(self, failed: Optional[str], tmp_dir: Path) -> None:
-        """Collective: raise the same OSError on every rank if any rank failed to write its part
-        of the resume state in ``tmp_dir`` (rank 0 removes the partial folder first)."""
-        errors: List[Any] = [None] * self.world_size
-        dist.all_gather_object(errors, failed)
-        errors = list(dict.fromkeys(e for e in errors if e))
-        if not errors:
-            return
-        if self._is_rank_zero:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise checkpoint_write_error(tmp_dir, latest_complete(state_root(self._output_dir)), errors)
 
     def _save_recipe_state(self, tmp_dir: Path) -> None:
         """Rank 0: what the resume needs besides the DCP shards and the RNG states."""
@@ -778,53 +718,41 @@ class SimPORecipeDistributed:
         }
         torch.save(state, tmp_dir / "recipe_state.pt")
 
-    def _prune_resume_states(self) -> None:
-        if self._keep_last is None:
-            return
-        for old in complete_states(state_root(self._output_dir))[: -self._keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
     def _load_resume_state(self) -> None:
-        box = [complete_states(state_root(self._output_dir)) if self._is_rank_zero else None]
-        dist.broadcast_object_list(box, src=0)  # every rank tries the folders rank 0 listed, in order
-        states = box[0]
-        if not states:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {state_root(self._output_dir)} holds no complete checkpoint "
-                "(a step_<N>/ folder with a COMPLETE marker)"
-            )
         model_sd, optim_sd = get_state_dict(self._model, self._optimizers)
         loaded = {"model": model_sd, "optimizer": optim_sd}
 
-        def load(d: Path):
-            """Collective; every rank raises the same: CorruptCheckpointError (try the next older
-            state) for a file that cannot be read, ValueError for a config that does not match."""
-            local = None
-            try:
-                state = load_checkpoint_file(d / "recipe_state.pt", weights_only=False)
-                rng_file = d / f"rng_rank{self.rank}.pt"
-                same_world = state["world_size"] == self.world_size and rng_file.exists()
-                rng = load_checkpoint_file(rng_file, weights_only=False) if same_world else None
-                saved_cfg = load_run_config(d / CONFIG_FILE)
-            except Exception as e:  # noqa: BLE001 - a YAML or key error is a damaged file as well
-                local = str(e) if isinstance(e, CorruptCheckpointError) else f"{d}: {type(e).__name__}: {e}"
-            errors: List[Any] = [None] * self.world_size
-            dist.all_gather_object(errors, local)
-            bad = [e for e in errors if e]
-            if bad:
-                raise CorruptCheckpointError(bad[0])
-            self._check_resume_config(d, state, saved_cfg)
-            try:
-                dcp.load(loaded, checkpoint_id=d)  # into this rank's shards, resharding if needed
-            except CheckpointException as e:  # raised on every rank, naming the ranks that failed
-                raise CorruptCheckpointError(
-                    f"{d}: the sharded weights/optimizer state (*.distcp) cannot be read ({describe_write_error(e)})"
-                ) from e
+        def read(d: Path):
+            """This rank's small files (a damaged one on any rank: every rank tries the next older state)."""
+            state = load_checkpoint_file(d / "recipe_state.pt", weights_only=False)
+            rng_file = d / f"rng_rank{self.rank}.pt"
+            same_world = state["world_size"] == self.world_size and rng_file.exists()
+            rng = load_checkpoint_file(rng_file, weights_only=False) if same_world else None
             return state, rng
 
-        ckpt_dir, (state, rng), skipped = load_newest_intact(states, load)
-        if skipped:
-            self._info(f"resuming from {ckpt_dir}, the newest intact resume state; skipped: " + "; ".join(skipped))
+        def restore(d: Path, _) -> None:
+            """Collective, once the config matches (a wrong shape would look like a damaged file)."""
+            dcp.load(loaded, checkpoint_id=d)  # into this rank's shards, resharding if needed
+
+        # Compared besides RESUME_CONFIG_KEYS: the resolved seed (a null seed is drawn at random)
+        # and the pairs per micro-batch over all ranks (batch_size x world_size); the world size
+        # itself may change. The same inputs on every rank: the same decision.
+        mine = {
+            "seed": self.seed,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
+            "gradient_accumulation_steps": self._grad_accum,
+            "batch_size x world_size": self._batch_size * self.world_size,
+            "optimizer_in_bwd": self._optimizer_in_bwd,
+        }
+
+        def saved(result) -> Dict[str, Any]:
+            state = result[0]
+            return {**state, "batch_size x world_size": state["batch_size"] * state["world_size"]}
+
+        ckpt_dir, (state, rng) = read_newest_state(
+            self._output_dir, self._run_cfg, read, keys=RESUME_CONFIG_KEYS, values=mine, saved_values=saved,
+            restore=restore, distributed=True,
+        )
         set_state_dict(
             self._model, self._optimizers, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
         )
@@ -843,33 +771,6 @@ class SimPORecipeDistributed:
             f"step {self.global_step}"
         )
         dist.barrier()
-
-    def _check_resume_config(self, ckpt_dir: Path, state: Dict[str, Any], saved_cfg: Optional[DictConfig]) -> None:
-        """Raise ValueError naming every key that differs from the saved run in what decides the
-        data order and the restored shapes (same inputs on every rank: the same decision)."""
-        wrong = []
-        if saved_cfg is not None:
-            wrong += resume_mismatches(saved_cfg, self._run_cfg, RESUME_CONFIG_KEYS)
-        elif self._is_rank_zero:
-            log.warning(f"{ckpt_dir} has no {CONFIG_FILE} (an older run): only recipe_state.pt is compared")
-        # The resolved seed (a null seed is drawn at random) and the pairs per micro-batch over
-        # all ranks (batch_size x world_size); the world size itself may change.
-        mine = {
-            "seed": self.seed,
-            "max_steps_per_epoch": self.max_steps_per_epoch,
-            "gradient_accumulation_steps": self._grad_accum,
-            "batch_size x world_size": self._batch_size * self.world_size,
-            "optimizer_in_bwd": self._optimizer_in_bwd,
-        }
-        saved = {**state, "batch_size x world_size": state["batch_size"] * state["world_size"]}
-        known = {w.split("=")[0] for w in wrong}
-        wrong += [f"{k}={mine[k]!r} in the config but {saved[k]!r} in the saved run" for k in mine
-                  if saved[k] != mine[k] and k not in known]
-        if wrong:
-            raise ValueError(
-                f"resume: the config differs from the saved run's ({ckpt_dir}) in what a resume must keep: "
-                + "; ".join(wrong) + ". Use the saved values, or start a fresh run in another output_dir."
-            )
 
     def cleanup(self) -> None:
         # Peak resident memory of every rank, in one line on rank 0.

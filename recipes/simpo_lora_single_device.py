@@ -12,7 +12,6 @@
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from functools import partial
@@ -34,41 +33,15 @@ from torchtune.modules.peft import (
 )
 from tqdm import tqdm
 
-from prefopt.checkpointing import (
-    STATE_DIR,
-    begin_state,
-    check_checkpoint_space,
-    check_output_dir,
-    checkpoint_bytes,
-    checkpoint_write_error,
-    complete_states,
-    describe_write_error,
-    latest_complete,
-    mark_complete,
-    optimizer_states_per_param,
-    publish_state,
-    state_dirs,
-    state_root,
-)
+from prefopt.checkpointing import check_checkpoint_space, check_output_dir, checkpoint_bytes, optimizer_states_per_param
 from prefopt.collate import packed_collate_preference, padded_collate_preference
 from prefopt.config import Key, at_least, one_of, positive, validate_config
-from prefopt.guards import (
-    CONFIG_FILE,
-    RESUME_KEYS,
-    CollapseGuard,
-    check_device,
-    check_fresh_output_dir,
-    load_checkpoint_file,
-    load_newest_intact,
-    load_run_config,
-    lock_output_dir,
-    resume_mismatches,
-    save_run_config,
-)
+from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packing_unsupported_reason
 from prefopt.peft import keep_adapters_in_fp32
 from prefopt.process import run_and_exit
+from prefopt.resume import load_checkpoint_file, read_newest_state, start_fresh_run, write_state
 from prefopt.step import preference_forward
 
 log = utils.get_logger("INFO")
@@ -180,9 +153,8 @@ class SimPORecipeSingleDevice:
         self._step_in_epoch = 0  # optimizer steps already taken in the current epoch
         check_output_dir(self._output_dir)
         self._lock = lock_output_dir(self._output_dir)  # held until cleanup / the process ends
-        if not v["resume_from_checkpoint"]:
-            check_fresh_output_dir(self._output_dir, STATE_DIR, overwrite=v["overwrite_output_dir"])
-            save_run_config(cfg, self._output_dir / CONFIG_FILE)  # a resumed run never overwrites it
+        if not v["resume_from_checkpoint"]:  # refuses another run's states; saves config.yaml
+            start_fresh_run(self._output_dir, cfg, overwrite=v["overwrite_output_dir"])
         self._check_checkpoint_space()
 
     def _check_checkpoint_space(self) -> None:
@@ -481,20 +453,14 @@ class SimPORecipeSingleDevice:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        # written into step_<N>.tmp, COMPLETE last, then renamed: a kill leaves no half state
-        final_dir, tmp_dir = state_dirs(self._output_dir, self.global_step)
-        try:
-            begin_state(tmp_dir)
-            torch.save(adapter, tmp_dir / "adapter.pt")
-            torch.save(state, tmp_dir / "recipe_state.pt")
-            save_run_config(self._run_cfg, tmp_dir / CONFIG_FILE)  # what a resume must match
-            mark_complete(tmp_dir, f"step {self.global_step}")
-        except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; the previous states stay
-            raise checkpoint_write_error(
-                tmp_dir, latest_complete(state_root(self._output_dir)), [describe_write_error(e)]
-            ) from e
-        publish_state(tmp_dir, final_dir)
+
+        def write(d: Path) -> None:
+            torch.save(adapter, d / "adapter.pt")
+            torch.save(state, d / "recipe_state.pt")
+
+        # atomic, with the run config beside it: a kill leaves no half state, a full disk an
+        # error that names the last complete one (prefopt.resume)
+        final_dir = write_state(self._output_dir, self.global_step, self._run_cfg, write)
         log.info(f"Resume state saved to {final_dir}")
 
         if not end_of_epoch:
@@ -527,41 +493,22 @@ class SimPORecipeSingleDevice:
                     os.replace(f, epoch_dir / "adapter" / f.name)
 
     def _load_resume_state(self) -> None:
-        states = complete_states(state_root(self._output_dir))
-        if not states:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {state_root(self._output_dir)} holds no complete checkpoint "
-                "(a step_<N>/ folder with a COMPLETE marker)"
-            )
-
-        def load(d: Path):  # a file that cannot be read: fall back to the next older state
+        def read(d: Path):  # a file that cannot be read: the next older state is tried
             return (
                 load_checkpoint_file(d / "adapter.pt", weights_only=True),
                 load_checkpoint_file(d / "recipe_state.pt", weights_only=False),
-                load_run_config(d / CONFIG_FILE),
             )
 
-        ckpt_dir, (adapter, state, saved_cfg), skipped = load_newest_intact(states, load)
-        if skipped:
-            log.warning(f"resuming from {ckpt_dir}, the newest intact resume state; skipped: " + "; ".join(skipped))
-        if saved_cfg is None:
-            log.warning(f"{ckpt_dir} has no {CONFIG_FILE} (an older run): the config is not compared with it")
-        else:
-            wrong = resume_mismatches(saved_cfg, self._run_cfg, RESUME_KEYS)
-            if wrong:
-                raise ValueError(
-                    f"resume: the config differs from the saved run's ({ckpt_dir / CONFIG_FILE}) in what a resume "
-                    "must keep: " + "; ".join(wrong) + ". Use the saved values, or start a fresh run in another output_dir."
-                )
+        # Compared besides the config's RESUME_KEYS: the resolved seed (a null seed is drawn at
+        # random) and max_steps_per_epoch as recipe_state.pt has them (states without a config.yaml).
+        ckpt_dir, (adapter, state) = read_newest_state(
+            self._output_dir, self._run_cfg, read,
+            values={"seed": self.seed, "max_steps_per_epoch": self.max_steps_per_epoch},
+            saved_values=lambda loaded: loaded[1],
+        )
         missing, unexpected = self._model.load_state_dict(adapter, strict=False)
         if unexpected or any(k in missing for k in adapter):
             raise ValueError(f"{ckpt_dir}/adapter.pt does not match this model's LoRA layout: unexpected {unexpected}")
-        for key, mine in (("seed", self.seed), ("max_steps_per_epoch", self.max_steps_per_epoch)):
-            if state[key] != mine:
-                raise ValueError(
-                    f"resume: {key}={mine} in the config but {state[key]} in {ckpt_dir}; the data order "
-                    "would differ from the saved run. Use the saved value."
-                )
         self._optimizer.load_state_dict(state["optimizer"])
         if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])

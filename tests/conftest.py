@@ -101,7 +101,7 @@ def read_log(output_dir) -> dict:
 
 def complete_steps(output_dir) -> list:
     """Steps N of the complete resume states under <output_dir>/checkpoints, oldest first."""
-    from prefopt.checkpointing import complete_states
+    from prefopt.resume import complete_states
 
     return [int(p.name.split("_")[1]) for p in complete_states(Path(output_dir) / "checkpoints")]
 

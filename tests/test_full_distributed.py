@@ -324,10 +324,10 @@ def test_sigkill_of_one_rank_tears_down_the_job_and_resume_matches_uninterrupted
 
 
 def test_resume_ignores_half_written_states(tmp_path):
-    """The recipes' choice of the state to resume from (prefopt.checkpointing.latest_complete): the
+    """The recipes' choice of the state to resume from (prefopt.resume.latest_complete): the
     newest step_<N> with COMPLETE; not a step_<N>.tmp (even with its marker: killed before the
     rename), nor a step_<N> without one."""
-    from prefopt.checkpointing import complete_states, latest_complete
+    from prefopt.resume import complete_states, latest_complete
 
     root = tmp_path / "checkpoints"
     assert latest_complete(root) is None

@@ -1,5 +1,5 @@
-"""Reliability, second round: the guards in prefopt.guards / prefopt.config / prefopt.data, as
-library functions and inside the real recipe classes (in-process, tiny model, a 48-pair file)."""
+"""Reliability, second round: the guards in prefopt.guards / prefopt.resume / prefopt.config /
+prefopt.data, as library functions and inside the real recipe classes (in-process, tiny model, a 48-pair file)."""
 
 import logging
 import os
@@ -10,19 +10,8 @@ from conftest import REPO, TINY, load_recipe
 from omegaconf import OmegaConf
 
 from prefopt.config import ConfigError, validate_config
-from prefopt.guards import (
-    CollapseGuard,
-    CorruptCheckpointError,
-    ExistingRunError,
-    OutputDirLockedError,
-    TrainingCollapseError,
-    check_device,
-    check_fresh_output_dir,
-    load_checkpoint_file,
-    load_newest_intact,
-    lock_output_dir,
-    resume_mismatches,
-)
+from prefopt.guards import CollapseGuard, OutputDirLockedError, TrainingCollapseError, check_device, lock_output_dir
+from prefopt.resume import ExistingRunError
 
 LORA = load_recipe("simpo_lora_single_device")
 
@@ -55,58 +44,6 @@ def test_output_dir_lock_names_the_holder_and_is_released(tmp_path):
     assert f"lock file {tmp_path}/.lock" in msg
     held.close()  # what the end of the process does as well
     lock_output_dir(tmp_path).close()
-
-
-def test_fresh_run_into_a_folder_with_resume_states_refuses_unless_overwrite(tmp_path):
-    (tmp_path / "checkpoints" / "step_20").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step_40.tmp").mkdir()
-    (tmp_path / "epoch_0").mkdir()
-    (tmp_path / "config.yaml").write_text("seed: 1\n")
-    with pytest.raises(ExistingRunError) as e:
-        check_fresh_output_dir(tmp_path, "checkpoints", overwrite=False)
-    assert str(e.value) == (
-        f"output_dir='{tmp_path}' holds resume states of an earlier run ({tmp_path}/checkpoints: step_20, step_40.tmp), "
-        "and this is a fresh run (resume_from_checkpoint=False). Set resume_from_checkpoint=True to continue that run, "
-        "overwrite_output_dir=True to delete its states and start clean, or choose another output_dir."
-    )
-    assert (tmp_path / "checkpoints" / "step_20").exists()  # nothing lost
-    removed = check_fresh_output_dir(tmp_path, "checkpoints", overwrite=True)
-    assert removed == [tmp_path / "checkpoints", tmp_path / "config.yaml", tmp_path / "epoch_0"]
-    assert not any(p.exists() for p in removed)
-    assert check_fresh_output_dir(tmp_path, "checkpoints", overwrite=False) == []
-
-
-# ---------------------------------------------------------------------------------------------- resume keys
-def test_resume_mismatches_name_the_dotted_key():
-    saved = OmegaConf.create({"model": {"lora_rank": 8, "lora_alpha": 16}, "batch_size": 16, "seed": 1,
-                              "dataset": {"max_seq_len": 128}, "optimizer": {"lr": 1e-3}})
-    cur = OmegaConf.create({"model": {"lora_rank": 16, "lora_alpha": 16.0}, "batch_size": 16, "seed": 1,
-                            "dataset": {"max_seq_len": 128, "packed": True}, "optimizer": {"lr": 5e-4}})
-    assert resume_mismatches(saved, cur) == [
-        "model.lora_rank=16 in the config but 8 in the saved run",
-        "dataset.packed=True in the config but '<unset>' in the saved run",
-    ]  # lora_alpha 16 == 16.0; the optimizer is not a resume key
-
-
-# ---------------------------------------------------------------------------------------------- corrupt states
-def test_newest_intact_state_skips_a_truncated_file(tmp_path):
-    states = []
-    for step in (1, 2, 3):
-        d = tmp_path / f"step_{step}"
-        d.mkdir()
-        torch.save({"w": torch.full((256,), float(step))}, d / "adapter.pt")
-        states.append(d)
-    data = (states[2] / "adapter.pt").read_bytes()
-    (states[2] / "adapter.pt").write_bytes(data[: len(data) // 2])  # a torn write / bad disk
-    load = lambda d: load_checkpoint_file(d / "adapter.pt", weights_only=True)  # noqa: E731
-    chosen, sd, skipped = load_newest_intact(states, load)
-    assert chosen == states[1] and sd["w"][0].item() == 2.0
-    assert len(skipped) == 1 and skipped[0].startswith(f"{states[2]}/adapter.pt: cannot be read (RuntimeError: ")
-    for d in states[:2]:
-        (d / "adapter.pt").write_bytes(b"garbage")
-    with pytest.raises(CorruptCheckpointError, match="every complete resume state is corrupt") as e:
-        load_newest_intact(states, load)
-    assert str(e.value).count("cannot be read") == 3
 
 
 # ---------------------------------------------------------------------------------------------- collapse
