@@ -68,8 +68,8 @@ from prefopt.guards import (
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packed_collate_preference, packing_unsupported_reason
 from prefopt.peft import keep_adapters_in_fp32
-from prefopt.process import run_and_exit
 from prefopt.step import preference_forward
+from prefopt.teardown import release_data
 
 log = utils.get_logger("INFO")
 
@@ -575,6 +575,11 @@ class SimPORecipeSingleDevice:
 
     def cleanup(self) -> None:
         self._metric_logger.close()
+        # The data loaders, their samplers and the memory-mapped Arrow tables of the data sets go
+        # now, while pyarrow is fully alive, not whenever the interpreter's teardown gets to them
+        # (Arrow objects and pools torn down late sometimes abort the process: prefopt.teardown).
+        release_data(getattr(self, "_dataloader", None), getattr(self, "_eval_dataloader", None))
+        self._dataloader = self._eval_dataloader = self._sampler = None
         self._lock.close()  # releases the output_dir lock
 
 
@@ -595,4 +600,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_and_exit(recipe_main)  # see prefopt.process.run_and_exit: no native teardown after a finished run
+    # A normal return, as torchtune's recipes end: a caller running this file as __main__ (runpy,
+    # a sweep driver, a notebook's %run) goes on after it; `tune run` ends with the interpreter's
+    # own exit (threads joined, then atexit handlers). cleanup() has released the Arrow data.
+    sys.exit(recipe_main())
