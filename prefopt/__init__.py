@@ -19,6 +19,7 @@ Each module has one job:
 - :mod:`prefopt.resume`: resume states: written atomically, the newest intact one found, the config
   compared.
 - :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.
+- :mod:`prefopt.teardown`: what a recipe's ``cleanup`` releases (the run's Arrow data) so it ends normally.
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
 - :mod:`prefopt.logs`: reading the metric files torchtune's ``DiskLogger`` writes.
 - :mod:`prefopt.cli`: the ``prefopt`` command (``ls``, ``cp``, ``run``, ``plot``).

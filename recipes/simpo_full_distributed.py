@@ -41,9 +41,9 @@ from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packing_unsupported_reason
-from prefopt.process import run_and_exit
 from prefopt.resume import RESUME_KEYS, load_checkpoint_file, read_newest_state, start_fresh_run, write_state
 from prefopt.step import preference_forward
+from prefopt.teardown import release_data
 
 log = utils.get_logger("INFO")
 
@@ -779,6 +779,11 @@ class SimPORecipeDistributed:
         self._info("peak RSS per rank (GiB): " + ", ".join(f"{p:.2f}" for p in peaks))
         if self._metric_logger is not None:
             self._metric_logger.close()
+        # The data loaders, their samplers and the memory-mapped Arrow tables of the data sets go
+        # now, while pyarrow is fully alive, not whenever the interpreter's teardown gets to them
+        # (Arrow objects and pools torn down late sometimes abort the process: prefopt.teardown).
+        release_data(getattr(self, "_dataloader", None), getattr(self, "_eval_dataloader", None))
+        self._dataloader = self._eval_dataloader = self._sampler = None
         if self._lock is not None:
             self._lock.close()  # releases the output_dir lock
         destroy_process_group()
@@ -861,4 +866,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_and_exit(recipe_main)  # see prefopt.process.run_and_exit: no native teardown after a finished run
+    # A normal return, as torchtune's recipes end: a caller running this file as __main__ (runpy,
+    # a sweep driver, a notebook's %run) goes on after it; `tune run` ends with the interpreter's
+    # own exit (threads joined, then atexit handlers). cleanup() has released the Arrow data.
+    sys.exit(recipe_main())

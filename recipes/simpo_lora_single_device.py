@@ -40,9 +40,9 @@ from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.packing import packing_unsupported_reason
 from prefopt.peft import keep_adapters_in_fp32
-from prefopt.process import run_and_exit
 from prefopt.resume import load_checkpoint_file, read_newest_state, start_fresh_run, write_state
 from prefopt.step import preference_forward
+from prefopt.teardown import release_data
 
 log = utils.get_logger("INFO")
 
@@ -522,6 +522,11 @@ class SimPORecipeSingleDevice:
 
     def cleanup(self) -> None:
         self._metric_logger.close()
+        # The data loaders, their samplers and the memory-mapped Arrow tables of the data sets go
+        # now, while pyarrow is fully alive, not whenever the interpreter's teardown gets to them
+        # (Arrow objects and pools torn down late sometimes abort the process: prefopt.teardown).
+        release_data(getattr(self, "_dataloader", None), getattr(self, "_eval_dataloader", None))
+        self._dataloader = self._eval_dataloader = self._sampler = None
         self._lock.close()  # releases the output_dir lock
 
 
@@ -542,4 +547,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_and_exit(recipe_main)  # see prefopt.process.run_and_exit: no native teardown after a finished run
+    # A normal return, as torchtune's recipes end: a caller running this file as __main__ (runpy,
+    # a sweep driver, a notebook's %run) goes on after it; `tune run` ends with the interpreter's
+    # own exit (threads joined, then atexit handlers). cleanup() has released the Arrow data.
+    sys.exit(recipe_main())

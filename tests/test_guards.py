@@ -282,41 +282,146 @@ def test_full_recipe_one_process_resumes_past_a_corrupt_shard(tmp_path, small_da
             dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------- exit
-_EXIT_SCRIPT = """
-import atexit, sys, threading, time
-from prefopt.process import run_and_exit
-out = sys.argv[1]
-atexit.register(lambda: open(out, "a").write("atexit\\n"))
+# ---------------------------------------------------------------------------------------------- end of a run
+def _arrow_maps(folder) -> list:
+    """Files under ``folder`` that this process has memory-mapped (the tokenized data's Arrow files)."""
+    with open("/proc/self/maps") as f:
+        return sorted({line.split()[-1] for line in f if str(folder) in line})
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory maps (Linux)")
+@pytest.mark.parametrize("recipe", ["lora", "full"])
+def test_cleanup_releases_the_data_while_the_recipe_is_still_held(tmp_path, small_data, recipe):
+    """After cleanup() nothing of the run's Arrow data is mapped, though the caller (a test, a
+    notebook, a traceback) still holds the recipe object: the tables are unmapped while pyarrow
+    is fully alive, not in the interpreter's teardown. The lock is released as well."""
+    import torch.distributed as dist
+
+    cache = tmp_path / "cache"
+    out = tmp_path / recipe
+    if recipe == "lora":
+        cfg = _cfg(out, "max_steps_per_epoch=1", "save_every_n_steps=null", data=small_data)
+        make = LORA.SimPORecipeSingleDevice
+    else:
+        cfg = OmegaConf.merge(
+            OmegaConf.load(REPO / "configs/tiny/simpo_full.yaml"),
+            OmegaConf.from_dotlist([f"output_dir={out}", f"dataset.data_files={small_data}", "batch_size=8",
+                                    "max_steps_per_epoch=1", "eval_every_n_steps=null", "save_every_n_steps=null",
+                                    f"eval_dataset.data_files={small_data}"]),
+        )
+        make = FULL.SimPORecipeDistributed
+    for key in ("dataset", "eval_dataset"):
+        if cfg.get(key) is not None:
+            cfg[key].cache_dir = str(cache)  # the test's own cache: its files are the ones to look for
+    try:
+        r = make(cfg)
+        r.setup(cfg)
+        loaders = [r._dataloader] + ([r._eval_dataloader] if r._eval_dataloader is not None else [])
+        held = [loader.dataset for loader in loaders]
+        assert _arrow_maps(cache), "the tokenized data is expected to be memory-mapped during the run"
+        r.train()
+        r.cleanup()
+        assert _arrow_maps(cache) == []
+        assert r._dataloader is None and r._eval_dataloader is None and r._sampler is None
+        assert all(ds._tokens is None for ds in held)  # even a data set someone else still holds
+        lock_output_dir(out).close()  # the output_dir lock is free
+        assert (out / "epoch_0").is_dir()  # the run finished: its final save is there
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_release_data_reaches_through_loaders_and_concatenated_sets(tmp_path, small_data, tiny_tokenizer):
+    from torch.utils.data import DataLoader
+    from torchtune.datasets import ConcatDataset
+
+    from prefopt.data import preference_dataset
+    from prefopt.teardown import release_data
+
+    cache = tmp_path / "cache"
+    parts = [preference_dataset(tiny_tokenizer, source="json", data_files=str(small_data), split="train", cache_dir=str(cache))
+             for _ in range(2)]
+    loader = DataLoader(ConcatDataset(parts), batch_size=4, collate_fn=list)
+    single = preference_dataset(tiny_tokenizer, source="json", data_files=str(small_data), split="train",
+                                max_seq_len=64, cache_dir=str(cache))
+    assert len(next(iter(loader))) == 4
+    assert _arrow_maps(cache)
+    assert release_data(loader, None, single) == 3
+    assert all(p._tokens is None for p in (*parts, single))
+    assert _arrow_maps(cache) == []
+    assert release_data(loader) == 0  # a second cleanup finds nothing left
+
+
+# A program that runs a recipe as __main__ and goes on: a global ThreadPoolExecutor with an idle
+# worker (the kind that hung a run whose ending joined threads before the atexit handlers), an
+# atexit handler, and after the run a non-daemon thread and output still in stdout's buffer.
+_DRIVER = """
+import atexit, runpy, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+log = open(sys.argv[1], "a", buffering=1)
+recipe, args = sys.argv[2], sys.argv[3:]
+pool = ThreadPoolExecutor(max_workers=1)
+pool.submit(time.sleep, 0.01).result()
+atexit.register(lambda: log.write("atexit\\n"))
+sys.argv = [recipe, *args]
+try:
+    runpy.run_path(recipe, run_name="__main__")
+except SystemExit as e:
+    log.write(f"recipe exit {e.code}\\n")
+except Exception as e:
+    log.write(f"recipe raised {type(e).__name__}\\n")
+log.write("after the recipe\\n")  # the caller goes on
 def late():
     time.sleep(0.3)
-    open(out, "a").write("thread\\n")
-def main():
-    threading.Thread(target=late).start()  # not a daemon: joined before the exit
-    print("done", end="")  # no newline: still in stdout's buffer when the process ends
-    mode = sys.argv[2]
-    if mode == "raise":
-        raise RuntimeError("boom")
-    if mode != "ok":
-        sys.exit(int(mode))
-    sys.exit(None)  # what torchtune's config.parse does after a finished recipe_main
-run_and_exit(main)
+    log.write("thread\\n")
+threading.Thread(target=late).start()  # not a daemon: the interpreter joins it before atexit
+print("done", end="")  # no newline: still in stdout's buffer when the program ends
 """
 
 
-def test_run_and_exit_keeps_status_threads_atexit_and_output(tmp_path):
+@pytest.mark.slow
+def test_recipe_run_as_main_returns_to_its_caller_which_exits_normally(tmp_path, small_data):
+    """runpy.run_path(recipe, run_name="__main__") of a finished run raises SystemExit(None), as a
+    torchtune recipe does, and the caller's next statement runs; the program then ends as any
+    Python program: its thread, then its atexit handler, its buffered output, status 0, no hang.
+    A run that fails (an unknown config key) raises to the caller; as a script it exits 1 with
+    the traceback."""
     import subprocess
     import sys
 
-    script = tmp_path / "s.py"
-    script.write_text(_EXIT_SCRIPT)
-    modes = {"ok": 0, "3": 3, "raise": 1}  # the three processes run side by side
-    procs = {m: subprocess.Popen([sys.executable, str(script), str(tmp_path / f"{m}.txt"), m], cwd=REPO, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in modes}
-    for mode, p in procs.items():
-        stdout, stderr = p.communicate(timeout=120)
-        assert p.returncode == modes[mode], stderr[-2000:]
-        assert stdout == "done"
-        # the thread ends before the atexit handlers run, as in a normal interpreter exit
-        assert (tmp_path / f"{mode}.txt").read_text() == "thread\natexit\n"
-        assert ("RuntimeError: boom" in stderr) == (mode == "raise")
+    from conftest import tune_env
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    common = ["--config", "configs/tiny/simpo_lora.yaml", f"dataset.data_files={small_data}", "eval_dataset=null",
+              "eval_every_n_steps=null", "batch_size=4", "max_steps_per_epoch=2", "save_every_n_steps=null"]
+    runs = {
+        "ok": [sys.executable, str(driver), str(tmp_path / "ok.txt"), "recipes/simpo_lora_single_device.py",
+               *common, f"output_dir={tmp_path / 'ok'}"],
+        "bad": [sys.executable, str(driver), str(tmp_path / "bad.txt"), "recipes/simpo_lora_single_device.py",
+                *common, f"output_dir={tmp_path / 'bad'}", "no_such_key=1"],
+        "script_bad": [sys.executable, "recipes/simpo_lora_single_device.py", *common,
+                       f"output_dir={tmp_path / 'script_bad'}", "no_such_key=1"],
+    }
+    env = tune_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))  # this checkout's prefopt
+    procs = {k: subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE) for k, cmd in runs.items()}
+    res = {}
+    for k, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise AssertionError(f"{k}: the program did not end within 300 s (a finished run must not hang)")
+        res[k] = (p.returncode, stdout, stderr)
+    code, stdout, stderr = res["ok"]
+    assert code == 0, stderr[-3000:]
+    assert stdout.endswith("done")
+    assert (tmp_path / "ok.txt").read_text() == "recipe exit None\nafter the recipe\nthread\natexit\n"
+    assert (tmp_path / "ok" / "epoch_0").is_dir()  # the run finished, with its final save
+    code, stdout, stderr = res["bad"]
+    assert code == 0, stderr[-3000:]
+    assert (tmp_path / "bad.txt").read_text() == "recipe raised ConfigError\nafter the recipe\nthread\natexit\n"
+    code, stdout, stderr = res["script_bad"]
+    assert code == 1
+    assert "ConfigError" in stderr and "no_such_key" in stderr

@@ -268,6 +268,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             )
         return keep
 
+    def close(self) -> None:
+        """Unmap the token table (the data set cannot be read afterwards): a recipe's ``cleanup``
+        releases the run's Arrow data while every library is alive (:mod:`prefopt.teardown`)."""
+        self._tokens = None
+
     def lengths(self) -> Dict[str, np.ndarray]:
         """Token counts of the kept pairs, in item order: ``prompt``, ``chosen``, ``rejected``
         (after truncation; the responses without the prompt) and ``{prompt,chosen,rejected}_full``
