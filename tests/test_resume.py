@@ -298,32 +298,24 @@ def test_both_recipes_word_a_mismatched_resume_the_same(tmp_path, small_data):
     """One step and its resume state, then a resume with another seed: the same text from both."""
     import torch.distributed as dist
 
-    texts = {}
-    lora, full = tmp_path / "lora", tmp_path / "full"
-    cfg = _recipe_cfg("simpo_lora", lora, small_data, "batch_size=4", "save_adapter_weights_only=True")
-    r = LORA.SimPORecipeSingleDevice(cfg)
-    r.setup(cfg)
-    r.train()
-    r.cleanup()
-    cfg = _recipe_cfg("simpo_lora", lora, small_data, "batch_size=4", "save_adapter_weights_only=True",
-                      "resume_from_checkpoint=True", "seed=7")
-    r = LORA.SimPORecipeSingleDevice(cfg)
-    with pytest.raises(ResumeMismatchError) as e:
-        r.setup(cfg)
-    r._lock.close()
-    texts["lora"] = str(e.value).replace(str(lora), "<output_dir>")
-    try:
-        cfg = _recipe_cfg("simpo_full", full, small_data, "batch_size=8")
-        r = FULL.SimPORecipeDistributed(cfg)
+    def mismatch_text(mod, cls, name, out, *args):
+        """Train one step into `out`, then resume with another seed: the error's text."""
+        cfg = _recipe_cfg(name, out, small_data, *args)
+        r = getattr(mod, cls)(cfg)
         r.setup(cfg)
         r.train()
         r.cleanup()
-        cfg = _recipe_cfg("simpo_full", full, small_data, "batch_size=8", "resume_from_checkpoint=True", "seed=7")
-        r = FULL.SimPORecipeDistributed(cfg)
+        cfg = _recipe_cfg(name, out, small_data, *args, "resume_from_checkpoint=True", "seed=7")
+        r = getattr(mod, cls)(cfg)
         with pytest.raises(ResumeMismatchError) as e:
             r.setup(cfg)
         r._lock.close()
-        texts["full"] = str(e.value).replace(str(full), "<output_dir>")
+        return str(e.value).replace(str(out), "<output_dir>")
+
+    texts = {"lora": mismatch_text(LORA, "SimPORecipeSingleDevice", "simpo_lora", tmp_path / "lora", "batch_size=4",
+                                   "save_adapter_weights_only=True")}
+    try:
+        texts["full"] = mismatch_text(FULL, "SimPORecipeDistributed", "simpo_full", tmp_path / "full", "batch_size=8")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
