@@ -143,10 +143,18 @@ def row_layout(
     return layout, seq_len
 
 
+def _shuffled_batches(batch_size: int, seed: int, *lens: np.ndarray) -> List[np.ndarray]:
+    """Each of ``lens`` ([n] per pair) as ``[n // batch_size, batch_size]`` int64, rows drawn in a
+    seeded random order as a shuffling sampler does, the last partial batch left out (empty
+    arrays when there is not one full batch)."""
+    n = len(lens[0]) // batch_size * batch_size
+    perm = np.random.default_rng(seed).permutation(len(lens[0]))[:n]
+    return [np.asarray(x, dtype=np.int64)[perm].reshape(-1, batch_size) for x in lens]
+
+
 def padding_share(chosen_lens: np.ndarray, rejected_lens: np.ndarray, batch_size: int, seed: int = 0) -> float:
-    """Share of the tokens of :func:`prefopt.collate.padded_collate_preference` batches that are padding, for
-    batches of ``batch_size`` pairs drawn in a seeded random order (as a shuffling sampler
-    does; the last partial batch is left out). Pure.
+    """Share of the tokens of :func:`prefopt.collate.padded_collate_preference` batches that are
+    padding, for batches of ``batch_size`` pairs drawn in a seeded random order. Pure.
 
     Args:
         chosen_lens, rejected_lens (np.ndarray): [n] tokens of each pair's two sequences.
@@ -155,15 +163,11 @@ def padding_share(chosen_lens: np.ndarray, rejected_lens: np.ndarray, batch_size
     Returns:
         float: padding tokens / all tokens, 0.0 if there is not one full batch.
     """
-    n = len(chosen_lens) // batch_size * batch_size
-    if n == 0:
+    c, r = _shuffled_batches(batch_size, seed, chosen_lens, rejected_lens)
+    if c.size == 0:
         return 0.0
-    perm = np.random.default_rng(seed).permutation(len(chosen_lens))[:n]
-    c = np.asarray(chosen_lens)[perm].reshape(-1, batch_size)
-    r = np.asarray(rejected_lens)[perm].reshape(-1, batch_size)
-    longest = np.maximum(c.max(1), r.max(1)).astype(np.int64)
-    real = c.sum(dtype=np.int64) + r.sum(dtype=np.int64)
-    return float(1.0 - real / (longest.sum() * 2 * batch_size))
+    longest = np.maximum(c.max(1), r.max(1))
+    return float(1.0 - (c.sum() + r.sum()) / (longest.sum() * 2 * batch_size))
 
 
 def packed_share(prompt_lens: np.ndarray, chosen_lens: np.ndarray, rejected_lens: np.ndarray, batch_size: int,
@@ -180,11 +184,9 @@ def packed_share(prompt_lens: np.ndarray, chosen_lens: np.ndarray, rejected_lens
     Returns:
         float: packed positions / padded positions, 1.0 if there is not one full batch.
     """
-    n = len(prompt_lens) // batch_size * batch_size
-    if n == 0:
+    p, c, r = _shuffled_batches(batch_size, seed, prompt_lens, chosen_lens, rejected_lens)
+    if p.size == 0:
         return 1.0
-    perm = np.random.default_rng(seed).permutation(len(prompt_lens))[:n]
-    p, c, r = (np.asarray(x, dtype=np.int64)[perm].reshape(-1, batch_size) for x in (prompt_lens, chosen_lens, rejected_lens))
     padded = (np.maximum((p + c).max(1), (p + r).max(1)) * 2 * batch_size).sum()
     return float((p + c + r).sum() / padded)
 
