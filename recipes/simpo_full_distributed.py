@@ -70,6 +70,7 @@ from prefopt.guards import (
     save_run_config,
 )
 from prefopt.metrics import PreferenceMetrics
+from prefopt.models.match import check_model_matches_checkpoint
 from prefopt.packing import packing_unsupported_reason
 from prefopt.process import run_and_exit
 from prefopt.step import preference_forward
@@ -243,6 +244,7 @@ class SimPORecipeDistributed:
         # same meta-device model (no memory) gives the parameter count for the space check.
         with torch.device("meta"):
             meta_model = config.instantiate(v["model"])
+        check_model_matches_checkpoint(meta_model, v["model"], v["checkpointer"])  # before any weight is read
         problem = sharding_problem(meta_model, v["custom_sharded_layers"])
         if problem:
             raise ValueError(problem)
