@@ -21,6 +21,9 @@ Each module has one job:
 - :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.
 - :mod:`prefopt.teardown`: what a recipe's ``cleanup`` releases (the run's Arrow data) so it ends normally.
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
+- :mod:`prefopt.models`: builders where torchtune's differ from the checkpoint (``mistral``: Mistral 7B
+  v0.2's RoPE θ; ``gemma2``: transformers' Gemma 2), and ``match``: the configured model checked
+  against the checkpoint's ``config.json`` at start-up, every mismatch in one error.
 - :mod:`prefopt.logs`: reading the metric files torchtune's ``DiskLogger`` writes.
 - :mod:`prefopt.cli`: the ``prefopt`` command (``ls``, ``cp``, ``run``, ``plot``).
 - :mod:`prefopt.tune_compat`: makes ``tune run recipes/<name>.py`` find this repo's recipes.

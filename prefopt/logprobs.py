@@ -186,6 +186,10 @@ class _LinearTokenLogps(torch.autograd.Function):
     Each pass allocates one float32 ``[chunk, V]`` buffer (plus one in the model's dtype for a
     low-precision model) and reuses it for every chunk, doing the softmax arithmetic in place:
     a fresh vocab-sized tensor per chunk and per op costs page faults (CPU) or allocator churn.
+
+    With a logit soft-cap ``c`` (Gemma 2) each chunk's logits become ``c * tanh(z / c)`` before
+    the log-softmax, in forward and in the recomputation of backward, which keeps ``tanh(z / c)``
+    in one more float32 buffer for the chain rule (``d/dz = 1 - tanh(z / c)^2``).
     """
 
     @staticmethod
@@ -206,7 +210,8 @@ class _LinearTokenLogps(torch.autograd.Function):
         return buf, fbuf
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int,
+                logit_soft_cap: Optional[float] = None):
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         bounds = _chunk_bounds(h.shape[0], num_chunks)
@@ -216,6 +221,8 @@ class _LinearTokenLogps(torch.autograd.Function):
         weight_t = weight.t()
         for s, e in bounds:
             logits = _LinearTokenLogps._logits_into(h[s:e], weight_t, buf, fbuf)
+            if logit_soft_cap is not None:
+                logits.div_(logit_soft_cap).tanh_().mul_(logit_soft_cap)
             picked = logits.gather(-1, targets[s:e, None]).squeeze(-1)
             # log-sum-exp in place: max, subtract, exp, sum (the buffer is overwritten).
             m = logits.amax(dim=-1)
@@ -224,6 +231,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         del buf, fbuf
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.num_chunks = num_chunks
+        ctx.logit_soft_cap = logit_soft_cap
         return out
 
     @staticmethod
@@ -236,12 +244,19 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         bounds = _chunk_bounds(h.shape[0], ctx.num_chunks)
         buf, fbuf = _LinearTokenLogps._buffers(h, weight, bounds)
+        cap = ctx.logit_soft_cap
+        tanh_buf = None if cap is None else torch.empty(buf.shape, dtype=torch.float32, device=h.device)
         weight_t = weight.t()
         for s, e in bounds:
             # d/dlogits [logit_t - lse] = onehot(t) - softmax, scaled by the incoming gradient.
             g = _LinearTokenLogps._logits_into(h[s:e], weight_t, buf, fbuf)
+            if cap is not None:
+                t = torch.tanh(g.div_(cap), out=tanh_buf[: e - s])
+                g = torch.mul(t, cap, out=g)  # the capped logits, as in forward
             g.sub_(lse[s:e, None]).exp_().mul_(-grad_out[s:e, None])
             g.scatter_add_(-1, targets[s:e, None], grad_out[s:e, None])
+            if cap is not None:
+                g.mul_(t.square_().neg_().add_(1))  # through the cap: d(c tanh(z/c))/dz = 1 - tanh^2
             g_low = g if fbuf is None else buf[: e - s].copy_(g)
             if need_h:
                 torch.mm(g_low, weight, out=grad_h[s:e])
@@ -253,23 +268,31 @@ class _LinearTokenLogps(torch.autograd.Function):
                     grad_w.add_(torch.mm(g_low.t(), h[s:e], out_dtype=torch.float32))
                 else:
                     grad_w.addmm_(g.t(), h[s:e].float())
-        del buf, fbuf
+        del buf, fbuf, tanh_buf
         if need_w:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_token_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_chunks: int = 16
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    num_chunks: int = 16,
+    logit_soft_cap: Optional[float] = None,
 ) -> torch.Tensor:
     """``log_softmax(hidden @ weight.T)[targets]`` without keeping the logits for backward.
+
+    With ``logit_soft_cap`` c, ``log_softmax(c * tanh(hidden @ weight.T / c))[targets]``: Gemma 2's
+    final soft-cap applies to each logit before the log-softmax, chunk by chunk.
 
     Args:
         hidden (torch.Tensor): ``[N, d]`` hidden states (any floating dtype).
         weight (torch.Tensor): ``[V, d]`` output projection weight (no bias), same dtype.
         targets (torch.Tensor): ``[N]`` integer token ids in ``[0, V)``.
         num_chunks (int): rows are processed in this many chunks; peak extra memory is one
-            ``[N / num_chunks, V]`` float32 block.
+            ``[N / num_chunks, V]`` float32 block (two in backward with a soft-cap).
+        logit_soft_cap (Optional[float]): the final logit soft-cap (> 0), or None for none.
 
     Returns:
         torch.Tensor: ``[N]`` float32 log-probs, differentiable w.r.t. ``hidden`` and ``weight``.
@@ -281,7 +304,9 @@ def linear_token_logps(
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, d] and [V, d]")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
-    return _LinearTokenLogps.apply(hidden, weight, targets, num_chunks)
+    if logit_soft_cap is not None and not logit_soft_cap > 0:
+        raise ValueError(f"logit_soft_cap must be > 0 or None, got {logit_soft_cap}")
+    return _LinearTokenLogps.apply(hidden, weight, targets, num_chunks, logit_soft_cap)
 
 
 class ScorePlan(NamedTuple):
@@ -408,7 +433,8 @@ def scored_token_logps(
     scored token of ``plan`` and each sequence's summed logits.
 
     Only the ``N`` scored positions go through the output layer. For a bias-free linear output
-    layer the projection is fused with the log-softmax (:func:`linear_token_logps`: no logits
+    layer (soft-capped or not: an output with a ``logit_soft_cap`` attribute, Gemma 2's, has it
+    applied to each chunk of logits) the projection is fused with the log-softmax (:func:`linear_token_logps`: no logits
     kept for backward) and runs as that layer's own forward, called inside the model's forward:
     FSDP2 gathers the output weight there once (whether the output layer is its own FSDP unit
     or part of the root), and reduces its gradient once. Other output layers run as modules
@@ -427,9 +453,12 @@ def scored_token_logps(
     Returns:
         Tuple[torch.Tensor, torch.Tensor]: ``[N]`` float32 token log-probs (differentiable) and
         ``[nseq]`` float32 detached sums of the logits over each sequence's positions and the
-        vocabulary (for TRL's ``logits/*`` statistic; exact for any affine output layer).
+        vocabulary (for TRL's ``logits/*`` statistic; exact for any affine output layer; for a
+        soft-capped one, the sum of the logits before the cap: the cap is not affine, and the
+        capped sum would need every position's logits).
     """
     head = _fusable_head(model.output)
+    cap = getattr(model.output, "logit_soft_cap", None)
     num_segments = plan.seg_to_seq.shape[0]
     result = {}
 
@@ -439,7 +468,7 @@ def scored_token_logps(
         w = weight if weight is not None else head.weight
         with torch.no_grad():
             result["logits_sum"] = result.pop("h_sum") @ w.sum(dim=0, dtype=torch.float32)
-        return linear_token_logps(x, w, plan.score_targets, num_chunks)
+        return linear_token_logps(x, w, plan.score_targets, num_chunks, logit_soft_cap=cap)
 
     def unembed(h: torch.Tensor):
         h = model.norm(h)  # [R, L, d]
@@ -451,6 +480,9 @@ def scored_token_logps(
             h_sum = plan.seg_to_seq.t() @ seg[:num_segments]  # [nseq, d]
         if head is not None:
             result["h_sum"] = h_sum
+            if isinstance(model.output, TiedLinear):
+                # TiedLinear's own call, minus a soft-cap wrapper's cap (fused_forward applies it)
+                return head(scored, model.output.tied_module.weight)
             return model.output(scored)
         out = model.output
         tok = torch.cat([

@@ -40,6 +40,7 @@ from prefopt.collate import packed_collate_preference, padded_collate_preference
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
+from prefopt.models.match import check_model_matches_checkpoint
 from prefopt.packing import packing_unsupported_reason
 from prefopt.resume import RESUME_KEYS, load_checkpoint_file, read_newest_state, start_fresh_run, write_state
 from prefopt.step import preference_forward
@@ -214,6 +215,7 @@ class SimPORecipeDistributed:
         # same meta-device model (no memory) gives the parameter count for the space check.
         with torch.device("meta"):
             meta_model = config.instantiate(v["model"])
+        check_model_matches_checkpoint(meta_model, v["model"], v["checkpointer"])  # before any weight is read
         problem = sharding_problem(meta_model, v["custom_sharded_layers"])
         if problem:
             raise ValueError(problem)

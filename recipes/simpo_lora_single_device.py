@@ -38,6 +38,7 @@ from prefopt.collate import packed_collate_preference, padded_collate_preference
 from prefopt.config import Key, at_least, one_of, positive, validate_config
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
+from prefopt.models.match import CheckpointMismatchError, check_model_matches_checkpoint
 from prefopt.packing import packing_unsupported_reason
 from prefopt.peft import keep_adapters_in_fp32
 from prefopt.resume import load_checkpoint_file, read_newest_state, start_fresh_run, write_state
@@ -166,10 +167,13 @@ class SimPORecipeSingleDevice:
         try:
             with torch.device("meta"):
                 model = config.instantiate(v["model"])
+            check_model_matches_checkpoint(model, v["model"], v["checkpointer"])  # before any weight is read
             n_adapter = sum(p.numel() for p in get_adapter_params(model).values())
             n_all = sum(p.numel() for p in model.parameters())  # NF4 weights count their full size
             del model
             states = optimizer_states_per_param(lambda params: config.instantiate(v["optimizer"], params))
+        except CheckpointMismatchError:
+            raise  # not an estimate: the run would train another model
         except Exception as e:  # noqa: BLE001 - an estimate must not stop a run that would work
             log.warning(f"could not estimate the checkpoint size ({e!r}); output_dir free space not checked")
             return

@@ -264,7 +264,7 @@ def test_components_build(path):
     model_type = cfg.checkpointer.get("model_type")
     if model_type is not None:
         assert model_type in ModelType.__members__, f"checkpointer.model_type {model_type!r}"
-    m = re.match(r"torchtune\.models\.([a-z0-9_]+)\.", cfg.model._component_)
+    m = re.match(r"(?:torchtune|prefopt)\.models\.([a-z0-9_]+)\.", cfg.model._component_)
     if m and m.group(1) in MODEL_FAMILY:
         want_type, want_tok = MODEL_FAMILY[m.group(1)]
         if model_type is not None:
