@@ -21,13 +21,19 @@ It prints, and writes as Markdown to ``--out``, one row per run: median step tim
 then the issue's two targets with met/missed. A run that fails is a row with its error; the
 script goes on and exits 1 at the end (also when the gpu tests fail).
 
-Why every step trains on the same 16 pairs (4 micro-batches of 4, in the same order): the packed
-layout's FlexAttention is compiled by torchtune with ``dynamic=False``, so every new (rows,
-length) shape of a micro-batch compiles it again, and after torch._dynamo's recompile limit (8)
-it falls back to the unfused implementation. Steps that each brought new shapes would time the
-compiler, not the step. With one fixed set of micro-batches the shapes are compiled during the
-warm-up steps and every measured step is the same work. (A real run with varying lengths does
-meet those recompiles: a finding this check's numbers do not show.)
+Two kinds of run:
+
+- **varying lengths** (``*_varying``, run first): every step new pairs of UltraFeedback-like
+  lengths (benchmarks/make_pref_data.py's distribution: a pair median ~1,030 tokens, p99 ~4x),
+  5 first steps + ``--varying-steps`` (50) more, packed and padded, full and LoRA, compiled. What
+  a real run meets: a new micro-batch length nearly every step. Reported: compile events
+  (torch._dynamo's compiled graphs) after the first 5 steps (target 0: the packed layout's
+  FlexAttention is compiled once with dynamic shapes, prefopt/attention.py; the decoder layers
+  by torch.compile's automatic dynamic shapes, on the second length), the peak memory of the
+  whole run against that of its first 5 steps (target <= 1.1x: no attention that materialises
+  [b, heads, L, L] half-way), tokens/s and MFU over all steps after the first 5.
+- **fixed batch** (the rest): every step trains on the same 16 pairs (4 micro-batches of 4, in
+  the same order), so that every measured step is the same work: the clean MFU figure.
 """
 
 import argparse
@@ -100,6 +106,21 @@ MFU_TARGET = ("full_compiled_packed", 0.45)
 MEMORY_TARGET = ("lora_compiled_packed", "full_compiled_packed", 0.5)
 DRY_TARGET_ROWS = {"full_compiled_packed": "full_eager_packed", "lora_compiled_packed": "lora_eager_packed"}
 
+# Varying lengths (see the module docstring): (recipe, compile, AC, packed, varying). Run first.
+VARYING_MATRIX = {
+    "full_compiled_packed_varying": ("full", True, False, True, True),
+    "lora_compiled_packed_varying": ("lora", True, False, True, True),
+    "full_compiled_padded_varying": ("full", True, False, False, True),
+    "lora_compiled_padded_varying": ("lora", True, False, False, True),
+}
+# --dry-run: the same code path uncompiled, both recipes and both layouts
+DRY_VARYING_MATRIX = {
+    "lora_eager_packed_varying": ("lora", False, False, True, True),
+    "full_eager_padded_varying": ("full", False, False, False, True),
+}
+VARYING_FIRST = 5  # "after the first 5 steps": compiles and the memory peak are compared to these
+PEAK_RATIO_TARGET = 1.1
+
 
 # ------------------------------------------------------------------------------------------------
 # components named in the generated configs
@@ -169,10 +190,16 @@ class RecordingLogger:
 
     def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
         import torch
+        from torch._dynamo.utils import counters
 
+        from prefopt.attention import flex_compile_count
+
+        stamp = {"graphs": counters["stats"]["unique_graphs"], "flex_compiles": flex_compile_count()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        self.records.append({"t": time.perf_counter(), "step": step, **{k: _scalar(v) for k, v in payload.items()}})
+            stamp["peak_bytes"] = torch.cuda.max_memory_allocated()
+        self.records.append({"t": time.perf_counter(), "step": step, **stamp,
+                             **{k: _scalar(v) for k, v in payload.items()}})
 
     def close(self) -> None:
         pass
@@ -227,14 +254,20 @@ def make_pairs(n_pairs: int, vocab: int, max_seq_len: int, prompt_median: float,
     """``n_pairs`` preference pairs of ``w<id>`` words with UltraFeedback-like lengths: log-normal
     prompt and response lengths (prompt/response medians 0.4), each sequence (BOS + prompt +
     response + EOS) at most ``max_seq_len`` tokens, so the dataset truncates nothing."""
-    from benchmarks.wordtok import FIRST_WORD_ID, words
-
     rng = random.Random(seed)
     prompts = _lognormal_quantiles(n_pairs, prompt_median, 1.0, rng)
     chosen = _lognormal_quantiles(n_pairs, response_median, 0.8, rng)
     rejected = _lognormal_quantiles(n_pairs, response_median, 0.8, rng)
+    return _word_pairs(zip(prompts, chosen, rejected), vocab, max_seq_len, rng)
+
+
+def _word_pairs(lengths, vocab: int, max_seq_len: int, rng: random.Random) -> List[Dict[str, Any]]:
+    """Pairs of random ``w<id>`` words of the (prompt, chosen, rejected) ``lengths``, cut so that
+    each sequence (BOS + prompt + response + EOS) is at most ``max_seq_len`` tokens."""
+    from benchmarks.wordtok import FIRST_WORD_ID, words
+
     pairs = []
-    for p, c, r in zip(prompts, chosen, rejected):
+    for p, c, r in lengths:
         p = max(1, min(int(p), max_seq_len // 2))
         c, r = (max(1, min(int(x), max_seq_len - 2 - p)) for x in (c, r))
         ids = lambda k: [rng.randrange(FIRST_WORD_ID, vocab) for _ in range(k)]  # noqa: E731
@@ -245,6 +278,19 @@ def make_pairs(n_pairs: int, vocab: int, max_seq_len: int, prompt_median: float,
             "lengths": (p, c, r),
         })
     return pairs
+
+
+def make_varying_pairs(n_pairs: int, vocab: int, max_seq_len: int, scale: float, seed: int) -> List[Dict[str, Any]]:
+    """``n_pairs`` distinct pairs of ``w<id>`` words with benchmarks/make_pref_data.py's length
+    distribution (log-normal words per part at its medians and sigma, ~1.9 tokens of the tiny
+    tokenizer per word: a pair median ~1,030 tokens), times ``scale`` (the dry run's tiny model),
+    each sequence at most ``max_seq_len`` tokens. Random draws: a run meets the body and the tail."""
+    from benchmarks.make_pref_data import MEDIAN_WORDS, SIGMA
+
+    rng = random.Random(seed)
+    lengths = ((scale * 1.9 * MEDIAN_WORDS[k] * math.exp(rng.gauss(0.0, SIGMA)) for k in ("prompt", "chosen", "rejected"))
+               for _ in range(n_pairs))
+    return _word_pairs((tuple(x) for x in lengths), vocab, max_seq_len, rng)
 
 
 def write_jsonl(pairs: List[Dict[str, Any]], repeats: int, path: Path) -> None:
@@ -266,7 +312,7 @@ def _settings(dry_run: bool) -> Dict[str, Any]:
         return dict(
             lora_yaml=REPO / "configs/tiny/simpo_lora.yaml", full_yaml=REPO / "configs/tiny/simpo_full.yaml",
             device="cpu", dtype="fp32", vocab=512, max_seq_len=128, max_prompt_len=96,
-            prompt_median=8.0, response_median=20.0, batch_size=4, grad_accum=2,
+            prompt_median=8.0, response_median=20.0, batch_size=4, grad_accum=2, varying_scale=0.05,
         )
     # The shipped 1B configs' micro-batch (batch_size 4); 4 micro-batches per optimizer step, as
     # the full config has per GPU: 16 pairs per step (the global batch of 128 needs 8 GPUs).
@@ -276,7 +322,7 @@ def _settings(dry_run: bool) -> Dict[str, Any]:
         lora_yaml=REPO / "configs/llama3_2/1B_simpo_lora_single_device.yaml",
         full_yaml=REPO / "configs/llama3_2/1B_simpo_full.yaml",
         device="cuda", dtype="bf16", vocab=128256, max_seq_len=2048, max_prompt_len=1800,
-        prompt_median=52.0, response_median=130.0, batch_size=4, grad_accum=4,
+        prompt_median=52.0, response_median=130.0, batch_size=4, grad_accum=4, varying_scale=1.0,
     )
 
 
@@ -295,7 +341,7 @@ def make_config(spec: tuple, s: Dict[str, Any], data_file: Path, out_dir: Path, 
                 cache_dir: Optional[Path] = None):
     from omegaconf import OmegaConf
 
-    recipe, compile_, ac, packed = spec
+    recipe, compile_, ac, packed = spec[:4]
     cfg = OmegaConf.load(s["lora_yaml"] if recipe == "lora" else s["full_yaml"])
     model = OmegaConf.to_container(cfg.model, resolve=True)
     over = {
@@ -315,7 +361,7 @@ def make_config(spec: tuple, s: Dict[str, Any], data_file: Path, out_dir: Path, 
         # torchtune's get_memory_stats resets the CUDA peak at every log: it would hide the peak
         "log_peak_memory_stats": False,
         "seed": seed,
-        "shuffle": False,  # the jsonl's order: the same micro-batches every step
+        "shuffle": False,  # the jsonl's order (fixed batch: the same micro-batches every step)
         "batch_size": s["batch_size"],
         "gradient_accumulation_steps": s["grad_accum"],
         "epochs": 1,
@@ -370,9 +416,10 @@ def run_one(name: str, spec: tuple, s: Dict[str, Any], data_file: Path, work: Pa
             peak_tflops: Optional[float]) -> Dict[str, Any]:
     import torch
 
-    recipe_kind, compile_, ac, packed = spec
+    recipe_kind, compile_, ac, packed = spec[:4]
+    varying = len(spec) > 4 and spec[4]
     row: Dict[str, Any] = {"name": name, "recipe": recipe_kind, "compile": compile_, "ac": ac,
-                           "layout": "packed" if packed else "padded"}
+                           "layout": "packed" if packed else "padded", "varying": varying}
     out_dir = work / name
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = make_config(spec, s, data_file, out_dir, warmup + steps, seed, cache_dir=work / "hf_datasets_cache")
@@ -408,7 +455,10 @@ def run_one(name: str, spec: tuple, s: Dict[str, Any], data_file: Path, work: Pa
             torch.cuda.synchronize()
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 - row["baseline_gib"]
         recipe.cleanup()
-        row.update(_timings(recipe_kind, shape, logger.records, batches, s["grad_accum"], warmup, peak_tflops))
+        row.update(_timings(recipe_kind, shape, logger.records, batches, s["grad_accum"], warmup, peak_tflops,
+                            varying=varying))
+        if varying:
+            row.update(_varying_stats(logger.records, row.get("baseline_gib", 0.0)))
     except Exception as e:  # noqa: BLE001 - a failing run is a row; the others still run
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
         row["traceback"] = traceback.format_exc()
@@ -428,8 +478,22 @@ def run_one(name: str, spec: tuple, s: Dict[str, Any], data_file: Path, work: Pa
     return row
 
 
+def _varying_stats(records: List[Dict[str, Any]], baseline_gib: float) -> Dict[str, Any]:
+    """Compile events after the first VARYING_FIRST steps, and the peak memory of the run against
+    that of its first VARYING_FIRST steps (CUDA only), from the logger's per-step stamps."""
+    train = [r for r in records if "tokens_per_second" in r or "tokens_per_second_per_device" in r]
+    first, last = train[VARYING_FIRST - 1], train[-1]
+    out = {"graphs_first": first["graphs"], "compiles_after_first": last["graphs"] - first["graphs"],
+           "flex_compiles": last["flex_compiles"]}
+    if "peak_bytes" in last:
+        out["peak_first_gib"] = first["peak_bytes"] / 2**30 - baseline_gib
+        out["peak_run_gib"] = last["peak_bytes"] / 2**30 - baseline_gib
+        out["peak_ratio"] = out["peak_run_gib"] / out["peak_first_gib"]
+    return out
+
+
 def _timings(recipe: str, shape: Dict[str, int], records: List[Dict[str, Any]], batches: List[Dict[str, int]],
-             grad_accum: int, warmup: int, peak_tflops: Optional[float]) -> Dict[str, Any]:
+             grad_accum: int, warmup: int, peak_tflops: Optional[float], varying: bool = False) -> Dict[str, Any]:
     train = [r for r in records if "tokens_per_second" in r or "tokens_per_second_per_device" in r]
     if len(train) <= warmup:
         raise RuntimeError(f"{len(train)} steps logged, not more than the {warmup} warm-up steps")
@@ -439,11 +503,14 @@ def _timings(recipe: str, shape: Dict[str, int], records: List[Dict[str, Any]], 
     median = statistics.median(times)
     counted = statistics.mean(sum(m["counted"] for m in st) for st in steps)
     flops = statistics.mean(step_flops(recipe, shape, st) for st in steps)
-    tflops = flops / median / 1e12
+    # fixed batch: every step the same work, over the median step; varying lengths: totals over
+    # the steps' total time (a median step and a mean step's tokens would not match)
+    per_step = statistics.mean(times) if varying else median
+    tflops = flops / per_step / 1e12
     return {
         "steps": len(times),
         "median_s": median,
-        "tokens_per_s": counted / median,
+        "tokens_per_s": counted / per_step,
         "tflops": tflops,
         "mfu": tflops / peak_tflops if peak_tflops else None,
         "flops_per_token": flops / counted,
@@ -497,9 +564,10 @@ def render(rows: List[Dict[str, Any]], info: Dict[str, Any], tests: Optional[Dic
     out += [
         f"Model: {info['model']} with random weights (torchtune's builder, seed {args.seed}); "
         + (f"N = {shape['N']:,} (decoder layers + final norm), L = {shape['L']}, d = {shape['d']}, V = {shape['V']}. " if shape else "")
-        + f"{s['dtype']} on {s['device']}; AdamW; {args.warmup} warm-up + {args.steps} measured optimizer steps per run, "
+        + f"{s['dtype']} on {s['device']}; AdamW; fixed-batch runs: {args.warmup} warm-up + {args.steps} measured optimizer steps, "
         f"each {s['grad_accum']} micro-batches of {s['batch_size']} pairs, the same {s['batch_size'] * s['grad_accum']} pairs "
-        f"every step ({info['data']}).",
+        f"every step ({info['data']}); varying-length runs (`*_varying`): {VARYING_FIRST} first + {args.varying_steps} measured "
+        f"steps of new pairs each (below).",
         "",
         "- **step s**: median over the measured steps of the time between two of the recipe's per-step logs (CUDA "
         "synchronised): data, forward + backward of every micro-batch, clipping, optimizer.",
@@ -527,6 +595,24 @@ def render(rows: List[Dict[str, Any]], info: Dict[str, Any], tests: Optional[Dic
             f"| {_fmt(r.get('peak_gib'), '.2f')} | {_fmt(r.get('tflops'), '.3g')} | {_fmt(mfu, '.1f')}{'' if mfu is None else ' %'} "
             f"| {r['wall_s']:.0f} | {err} |"
         )
+    varying = [r for r in rows if r.get("varying")]
+    if varying:
+        out += [
+            "", "Varying lengths (`*_varying` rows above: their step s is the median, tokens/s and MFU are totals over "
+            f"the steps after the first {VARYING_FIRST}): {info['varying_data']}, new pairs every step.", "",
+            f"- **compiles after step {VARYING_FIRST}**: torch._dynamo's compiled graphs (counters['stats']['unique_graphs']) "
+            f"at the end of the run minus at the end of step {VARYING_FIRST}; **FlexAttention compiles**: the packed "
+            "layout's (prefopt/attention.py), over the run.",
+            f"- **peak first {VARYING_FIRST} / run**: `torch.cuda.max_memory_allocated()` at the end of step "
+            f"{VARYING_FIRST} and of the run (the same reset before train()).", "",
+            f"| varying run | graphs by step {VARYING_FIRST} | compiles after step {VARYING_FIRST} | FlexAttention compiles "
+            f"| peak GiB first {VARYING_FIRST} | peak GiB run | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in varying:
+            out.append(f"| {r['name']} | {r.get('graphs_first', 'n/a')} | {r.get('compiles_after_first', 'n/a')} "
+                       f"| {r.get('flex_compiles', 'n/a')} | {_fmt(r.get('peak_first_gib'), '.2f')} "
+                       f"| {_fmt(r.get('peak_run_gib'), '.2f')} | {_fmt(r.get('peak_ratio'), '.3f')} |")
     if pending:
         out += ["", f"Still to run (report written mid-way): {', '.join(pending)}"]
     notes = [f"- {r['name']}: {r['baseline_gib']:.2f} GiB were still allocated before it (subtracted from its peak)"
@@ -552,6 +638,19 @@ def render(rows: List[Dict[str, Any]], info: Dict[str, Any], tests: Optional[Dic
         q = a["peak_gib"] / b["peak_gib"]
         out.append(f"- peak memory {a['name']} ≤ {ratio}× {b['name']}: {a['peak_gib']:.2f} / {b['peak_gib']:.2f} GiB = {q:.2f}× "
                    f"-> **{'met' if q <= ratio else 'missed'}**")
+    for r in varying:
+        if "error" in r or "compiles_after_first" not in r:
+            out.append(f"- {r['name']}: n/a ({r.get('error', 'not measured')})")
+            continue
+        n = r["compiles_after_first"]
+        out.append(f"- compile events after step {VARYING_FIRST} = 0 for {r['name']}: {n} -> **{'met' if n == 0 else 'missed'}**")
+        if r.get("peak_ratio") is None:
+            out.append(f"- peak memory run ≤ {PEAK_RATIO_TARGET}× first {VARYING_FIRST} steps for {r['name']}: n/a (not on CUDA)")
+        else:
+            q = r["peak_ratio"]
+            out.append(f"- peak memory run ≤ {PEAK_RATIO_TARGET}× first {VARYING_FIRST} steps for {r['name']}: "
+                       f"{r['peak_run_gib']:.2f} / {r['peak_first_gib']:.2f} GiB = {q:.3f}× -> "
+                       f"**{'met' if q <= PEAK_RATIO_TARGET else 'missed'}**")
     if args.dry_run:
         out += ["", "Dry run: the same matrix without torch.compile (a compiled run takes 1.5-4 min on 2 CPU cores), "
                 "tiny configs; it proves the code path, not the numbers."]
@@ -582,8 +681,11 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None,
                    help=f"Markdown report (default {DEFAULT_OUT.relative_to(REPO)}; dry run {DEFAULT_DRY_OUT.relative_to(REPO)})")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    p.add_argument("--only", nargs="+", metavar="RUN", help=f"these runs only: {', '.join(MATRIX)} (dry run: {', '.join(DRY_MATRIX)})")
-    p.add_argument("--steps", type=int, default=None, help="measured steps per run (default 8; dry run 2)")
+    p.add_argument("--only", nargs="+", metavar="RUN", help=f"these runs only: {', '.join({**VARYING_MATRIX, **MATRIX})} "
+                   f"(dry run: {', '.join({**DRY_VARYING_MATRIX, **DRY_MATRIX})})")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per fixed-batch run (default 8; dry run 2)")
+    p.add_argument("--varying-steps", type=int, default=None,
+                   help=f"steps after the first {VARYING_FIRST} per varying-length run (default 50; dry run 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per run, >= 1 (default 3; dry run 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="peak to divide by (default: from the device name)")
@@ -591,6 +693,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.out = a.out or (DEFAULT_DRY_OUT if a.dry_run else DEFAULT_OUT)
     a.steps = a.steps or (2 if a.dry_run else 8)
+    a.varying_steps = a.varying_steps or (2 if a.dry_run else 50)
     a.warmup = a.warmup or (1 if a.dry_run else 3)
     if a.warmup < 1:
         p.error("--warmup must be >= 1 (a step's time is measured from the end of the previous one)")
@@ -615,12 +718,13 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device here; use --dry-run on a CPU", file=sys.stderr)
         return 2
     # --dry-run --only NAME also takes the compiled rows (slow on a CPU; the default leaves them out)
-    matrix = {**DRY_MATRIX, **MATRIX} if args.dry_run else MATRIX
+    default = {**DRY_VARYING_MATRIX, **DRY_MATRIX} if args.dry_run else {**VARYING_MATRIX, **MATRIX}
+    matrix = {**default, **VARYING_MATRIX, **MATRIX}
     unknown = sorted(set(args.only or ()) - set(matrix))
     if unknown:
         print(f"gpu_check: --only {unknown}: not runs of this mode; choose from {list(matrix)}", file=sys.stderr)
         return 2
-    names = list(args.only) if args.only else list(DRY_MATRIX if args.dry_run else MATRIX)
+    names = list(args.only) if args.only else list(default)
     device = torch.cuda.get_device_name() if s["device"] == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     peak = args.peak_tflops or (peak_for(device) if s["device"] == "cuda" else None)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="prefopt_gpu_check_"))
@@ -628,6 +732,11 @@ def main(argv=None) -> int:
                        s["response_median"], args.seed)
     data_file = work / "data" / "train.jsonl"
     write_jsonl(pairs, args.warmup + args.steps, data_file)
+    varying_pairs = make_varying_pairs((VARYING_FIRST + args.varying_steps) * s["batch_size"] * s["grad_accum"], s["vocab"],
+                                       s["max_seq_len"], s["varying_scale"], args.seed)
+    varying_file = work / "data" / "varying.jsonl"
+    write_jsonl(varying_pairs, 1, varying_file)
+    vpair_len = sorted(p + c + r + 3 for p, c, r in (x["lengths"] for x in varying_pairs))
     pair_len = [p + c + r + 3 for p, c, r in (x["lengths"] for x in pairs)]  # BOS + prompt + 2 x (response + EOS)
     seq_len = [p + x + 2 for p, c, r in (x["lengths"] for x in pairs) for x in (c, r)]
     info = {
@@ -638,12 +747,18 @@ def main(argv=None) -> int:
         "model": "tiny Llama (configs/tiny)" if args.dry_run else "Llama-3.2-1B shape (torchtune llama3_2_1b)",
         "data": f"pair tokens (prompt once) median {statistics.median(pair_len):.0f}, max {max(pair_len)}; "
                 f"sequence tokens median {statistics.median(seq_len):.0f}, max {max(seq_len)}",
+        "varying_data": f"{len(varying_pairs)} distinct pairs, pair tokens (prompt once) median "
+                        f"{statistics.median(vpair_len):.0f}, p90 {vpair_len[int(0.9 * len(vpair_len))]}, max {vpair_len[-1]}",
     }
     rows = []
     try:
         for name in names:
             print(f"--- {name} ...", flush=True)
-            row = run_one(name, matrix[name], s, data_file, work / "runs", args.steps, args.warmup, args.seed, peak)
+            if len(matrix[name]) > 4 and matrix[name][4]:  # varying lengths
+                row = run_one(name, matrix[name], s, varying_file, work / "runs", args.varying_steps, VARYING_FIRST,
+                              args.seed, peak)
+            else:
+                row = run_one(name, matrix[name], s, data_file, work / "runs", args.steps, args.warmup, args.seed, peak)
             rows.append(row)
             if "error" in row:
                 print(row["traceback"], file=sys.stderr, flush=True)

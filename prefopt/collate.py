@@ -74,14 +74,14 @@ def packed_collate_preference(
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
     pad_to_multiple_of: int = 1,
     row_len: Optional[int] = None,
-    static_shapes: bool = False,
+    one_row: bool = False,
     max_seq_len: Optional[int] = None,
     embed_dim: int = 4096,
 ) -> Dict[str, Any]:
     """Lay a micro-batch of pairs out packed and prefix-shared (see the module docstring).
 
     The rows are chosen by :func:`prefopt.packing.row_layout` (see there for ``row_len``,
-    ``static_shapes``, ``max_seq_len`` and ``embed_dim``). A batch holding a pair whose packed
+    ``one_row``, ``max_seq_len`` and ``embed_dim``). A batch holding a pair whose packed
     length exceeds ``max_seq_len`` (two long responses after a short prompt) is laid out padded
     instead (:func:`padded_collate_preference`), which the step takes as well.
 
@@ -92,7 +92,7 @@ def packed_collate_preference(
         ignore_idx (int): label value of unscored positions.
         pad_to_multiple_of (int): round the row length up to a multiple of this.
         row_len (Optional[int]): the row capacity; raised to the longest pair if smaller.
-        static_shapes (bool): one row of a bucketed length (see above), on CUDA.
+        one_row (bool): every pair in one row, unpadded (FlexAttention's layout), on CUDA.
         max_seq_len (Optional[int]): the model's longest input.
         embed_dim (int): the model's width, for the cost estimate of a row's attention.
 
@@ -117,7 +117,7 @@ def packed_collate_preference(
         k = common_prefix(c, r)
         seqs.append((c, r, cl, rl, k, len(c) + len(r) - k))
     lengths = [s[5] for s in seqs]
-    rows_of = row_layout(lengths, pad_to_multiple_of=pad_to_multiple_of, row_len=row_len, static_shapes=static_shapes,
+    rows_of = row_layout(lengths, pad_to_multiple_of=pad_to_multiple_of, row_len=row_len, one_row=one_row,
                          max_seq_len=max_seq_len, embed_dim=embed_dim)
     if rows_of is None:
         return padded_collate_preference(batch, padding_idx=padding_idx, ignore_idx=ignore_idx,

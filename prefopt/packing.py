@@ -20,7 +20,8 @@ tokens out. The attention mask is described by two ``[R, L]`` tensors (``doc_pai
 belongs to, a unique id per padding position; ``doc_kind``: 0 shared, 1 chosen, 2 rejected,
 3 padding) and built on the device by :func:`packed_attention_mask`: a dense boolean
 ``[R, L, L]`` on the CPU (FlexAttention has no backward on the CPU in torch 2.13), a
-FlexAttention ``BlockMask`` on CUDA.
+FlexAttention ``BlockMask`` on CUDA, run by :mod:`prefopt.attention` (compiled once for every
+length: see there why).
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -29,9 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["row_layout", "bucket_length", "padding_share", "packed_share", "packed_attention_mask", "packing_unsupported_reason", "SHARED", "CHOSEN", "REJECTED", "PAD"]
+__all__ = ["row_layout", "padding_share", "packed_share", "packed_attention_mask", "packing_unsupported_reason", "MIN_FLEX_LEN", "SHARED", "CHOSEN", "REJECTED", "PAD"]
 
 SHARED, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+# the shortest row of the one-row (FlexAttention) layout: two sparse blocks. One block would be
+# compiled as a constant 1 (Dynamo specialises sizes of 1), and under 128 inductor lowers to its
+# decoding kernel: either way a second compile
+MIN_FLEX_LEN = 256
+_FLEX_BLOCK = 128  # FlexAttention's sparse block size (create_block_mask's default)
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -57,19 +63,6 @@ def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[in
     return rows
 
 
-def bucket_length(n: int) -> int:
-    """The smallest length >= ``n`` of the form ``m * 2**k`` with ``m`` in 4..7 and a multiple of
-    128: about four lengths per doubling (at most ~25% padding), so that a run sees a handful of
-    distinct shapes."""
-    size = 512
-    while True:
-        for m in (4, 5, 6, 7):
-            cand = m * size // 4
-            if cand >= n:
-                return cand
-        size *= 2
-
-
 def _cheapest_layout(lengths: Sequence[int], limit: float, embed_dim: int):
     """(rows of pair indices, row length) minimising rows x L x (1 + L / (6 d)) over capacities
     from the longest pair to the whole batch (first-fit-decreasing at each)."""
@@ -92,7 +85,7 @@ def row_layout(
     *,
     pad_to_multiple_of: int = 1,
     row_len: Optional[int] = None,
-    static_shapes: bool = False,
+    one_row: bool = False,
     max_seq_len: Optional[int] = None,
     embed_dim: int = 4096,
 ) -> Optional[Tuple[List[List[int]], int]]:
@@ -104,17 +97,18 @@ def row_layout(
     and dense masked attention costs O(length²) per row on the CPU (~4·L·d FLOPs per position
     against ~24·d² for the projections and MLP), so no row is mostly masked.
 
-    ``static_shapes`` (the recipes set it on CUDA) puts every pair into ONE row whose length is
-    rounded up by :func:`bucket_length`: a FlexAttention ``BlockMask`` skips the masked blocks, so
-    a long row costs nothing extra, and torchtune compiles ``flex_attention`` with
-    ``dynamic=False``: every new ``[rows, length]`` would recompile it, and after Dynamo's
-    recompile limit it falls back to an unfused attention that materialises the scores.
+    ``one_row`` (the recipes set it on CUDA) puts every pair into ONE row of exactly their total
+    length (at least :data:`MIN_FLEX_LEN`; no padding otherwise): a FlexAttention ``BlockMask``
+    skips the masked blocks, so a long row costs nothing extra, and :mod:`prefopt.attention`
+    compiles FlexAttention once with dynamic shapes, so a new length costs no compile. When the
+    pairs do not fit ``max_seq_len`` together, rows are filled first-fit-decreasing up to it
+    (the attention sees them as one row end to end).
 
     Args:
         lengths: [b] each pair's packed length (shared prefix + both suffixes).
         pad_to_multiple_of (int): round the row length up to a multiple of this.
         row_len (Optional[int]): the row capacity; raised to the longest pair if smaller.
-        static_shapes (bool): one row of a bucketed length (see above), on CUDA.
+        one_row (bool): one row, unpadded (see above), on CUDA.
         max_seq_len (Optional[int]): the model's longest input: no row is longer (torchtune's
             decoders refuse longer inputs).
         embed_dim (int): the model's width, for the cost estimate of a row's attention.
@@ -125,13 +119,10 @@ def row_layout(
     limit = max_seq_len or float("inf")
     if max(lengths) > limit:
         return None
-    one_row = bucket_length(sum(lengths)) if static_shapes else None
-    if static_shapes and one_row <= limit:
-        layout = [sorted(range(len(lengths)), key=lambda i: -lengths[i])]
-        seq_len = one_row
-    elif static_shapes:  # rows of the model's full length: only the number of rows varies
-        layout = _first_fit_decreasing(lengths, int(limit))
-        seq_len = int(limit)
+    if one_row:
+        cap = max(sum(lengths), MIN_FLEX_LEN)
+        layout = _first_fit_decreasing(lengths, int(min(cap, limit)))
+        seq_len = max(MIN_FLEX_LEN, max(sum(lengths[i] for i in row) for row in layout))
     elif row_len is not None:
         layout = _first_fit_decreasing(lengths, min(max(max(lengths), row_len), limit))
         seq_len = max(sum(lengths[i] for i in row) for row in layout)
@@ -211,22 +202,64 @@ def packed_attention_mask(doc_pair: torch.Tensor, doc_kind: torch.Tensor, *, blo
             CUDA, dense elsewhere (FlexAttention has no backward on the CPU in torch 2.13).
 
     Returns:
-        A ``[R, L, L]`` bool tensor or a ``BlockMask``: query ``q`` attends to key ``kv`` iff both
-        belong to the same pair, ``kv <= q``, and not (``q`` rejected and ``kv`` chosen).
+        A ``[R, L, L]`` bool tensor, or a ``BlockMask`` over the ``R`` rows laid end to end (one
+        row of ``R x L`` positions: :func:`prefopt.attention.packed_flex_attention` views ``R``
+        rows that way, so that FlexAttention always sees one row; see :mod:`prefopt.attention`):
+        query ``q`` attends to key ``kv`` iff both belong to the same pair, ``kv <= q``, and not
+        (``q`` rejected and ``kv`` chosen).
     """
     if block_mask is None:
         block_mask = doc_pair.is_cuda
     n_rows, seq_len = doc_pair.shape
     if block_mask:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        return create_block_mask(
-            _mask_mod(doc_pair, doc_kind), B=n_rows, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=doc_pair.device
-        )
+        # copies, not views of [R, L] tensors: Dynamo would guard on the view's base's sizes
+        return _flex_block_mask(doc_pair.reshape(-1).clone(), doc_kind.reshape(-1).clone())
     same = doc_pair[:, :, None] == doc_pair[:, None, :]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=doc_pair.device).tril_()
     crosses = (doc_kind[:, :, None] == REJECTED) & (doc_kind[:, None, :] == CHOSEN)
     return same & causal & ~crosses
+
+
+def _flex_block_mask(pair: torch.Tensor, kind: torch.Tensor, chunk: int = 8 * _FLEX_BLOCK):
+    """The ``BlockMask`` of one row of ``n`` positions (``pair``, ``kind``: ``[n]``).
+
+    ``create_block_mask`` would evaluate the mask on all ``n x n`` positions at once (int64
+    intermediates: 2 GiB each at n = 16k); here ``chunk`` query positions at a time, against
+    the keys up to them (causal), reduced to 128 x 128 blocks: empty, full (no mask_mod call
+    inside) or partial. No host sync: every size comes from the shapes.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n, bs = pair.shape[0], _FLEX_BLOCK
+    nb = -(-n // bs)
+    pad = nb * bs - n
+    # positions past n (block padding): their own ids, below every real one, and never attended
+    pair_p = torch.cat([pair, torch.arange(-pad, 0, device=pair.device, dtype=pair.dtype)]) if pad else pair
+    kind_p = torch.cat([kind, torch.full((pad,), PAD, device=kind.device, dtype=kind.dtype)]) if pad else kind
+    idx = torch.arange(nb * bs, device=pair.device)
+    valid = idx < n
+    partial = torch.zeros(nb, nb, dtype=torch.bool, device=pair.device)
+    full = torch.zeros(nb, nb, dtype=torch.bool, device=pair.device)
+    for a in range(0, nb * bs, chunk):
+        e = min(a + chunk, nb * bs)  # queries [a, e), keys [0, e)
+        q, kv = slice(a, e), slice(0, e)
+        m = pair_p[q, None] == pair_p[None, kv]
+        m &= idx[kv][None, :] <= idx[q][:, None]
+        m &= ~((kind_p[q, None] == REJECTED) & (kind_p[None, kv] == CHOSEN))
+        m &= valid[q, None] & valid[None, kv]
+        m = m.view((e - a) // bs, bs, e // bs, bs)
+        some, every = m.any(3).any(1), m.all(3).all(1)
+        partial[a // bs : e // bs, : e // bs] = some & ~every
+        full[a // bs : e // bs, : e // bs] = every
+
+    def ordered(dense):  # [nb, nb] -> ([1, 1, nb] counts, [1, 1, nb, nb] block indices, listed first)
+        dense = dense.to(torch.int32)[None, None]
+        idx = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+        return dense.sum(-1, dtype=torch.int32), idx
+
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=bs, mask_mod=_mask_mod(pair[None], kind[None]), seq_lengths=(n, n)
+    )
 
 
 def packing_unsupported_reason(model: nn.Module) -> Optional[str]:

@@ -286,12 +286,12 @@ class SimPORecipeSingleDevice:
         sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
         collate = partial(padded_collate_preference, padding_idx=self._tokenizer.pad_id)
         if self._packed:
-            # CUDA: one row per micro-batch, bucketed lengths: few shapes for the compiled
-            # FlexAttention (a new shape recompiles it)
+            # CUDA: one unpadded row per micro-batch, a FlexAttention BlockMask; prefopt.attention
+            # compiles FlexAttention once, with dynamic shapes, for every length
             collate = partial(
                 packed_collate_preference,
                 padding_idx=self._tokenizer.pad_id,
-                static_shapes=self._device.type == "cuda",
+                one_row=self._device.type == "cuda",
                 max_seq_len=self._model.max_seq_len,
                 embed_dim=self._model.tok_embeddings.embedding_dim,
             )

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py --dry-run: the GPU check's code path, on the CPU, so that the script
-a lent GPU runs first cannot rot unseen (~40 s on 2 cores)."""
+a lent GPU runs first cannot rot unseen (~50 s on 2 cores), its varying-length runs included."""
 
 import json
 import os
@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_dry_run_gives_every_row_with_numbers(tmp_path):
-    from benchmarks.gpu_check import DRY_MATRIX
+    from benchmarks.gpu_check import DRY_MATRIX, DRY_VARYING_MATRIX
+
+    runs = {**DRY_VARYING_MATRIX, **DRY_MATRIX}  # the varying-length runs first
 
     out, js = tmp_path / "gpu_check.md", tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -28,7 +30,7 @@ def test_dry_run_gives_every_row_with_numbers(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     rows = json.loads(js.read_text())["rows"]
-    assert [r["name"] for r in rows] == list(DRY_MATRIX)
+    assert [r["name"] for r in rows] == list(runs)
     for r in rows:
         assert "error" not in r, r
         assert r["steps"] == 2
@@ -37,18 +39,27 @@ def test_dry_run_gives_every_row_with_numbers(tmp_path):
         assert r["shape"]["N"] > 0 and r["shape"]["L"] == 2
         assert (r["shape"]["N_adapter"] > 0) == (r["recipe"] == "lora")
         assert "peak_gib" not in r  # CPU: no CUDA allocator to read
+        if r["name"] in DRY_VARYING_MATRIX:  # new pairs every step: 5 first steps, then 2
+            assert r["varying"] and r["compiles_after_first"] == 0 and "peak_ratio" not in r, r
+    assert {(r["recipe"], r["layout"]) for r in rows if r["varying"]} == {("lora", "packed"), ("full", "padded")}
 
     # the Markdown table: one row per run, numbers in the timing columns, no error text
-    table = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and not ln.startswith("| run ")]
-    assert len(table) == len(DRY_MATRIX)
+    lines = out.read_text().splitlines()
+    table = [ln for ln in lines if ln.startswith("| ") and not ln.startswith(("| run ", "| varying run "))
+             and ln.count("|") == 14]
+    assert len(table) == len(runs)
     for ln in table:
         cells = [c.strip() for c in ln.strip("|").split("|")]
         name, step_s, tok_s, peak, tflops, mfu, err = cells[0], cells[6], cells[7], cells[8], cells[9], cells[10], cells[12]
-        assert name in DRY_MATRIX and err == "", ln
+        assert name in runs and err == "", ln
         assert re.fullmatch(r"[0-9.]+", step_s) and re.fullmatch(r"[0-9,]+", tok_s), ln
         assert re.fullmatch(r"[0-9.e+-]+", tflops) and re.fullmatch(r"[0-9.]+ %", mfu), ln
         assert peak == "n/a", ln
+    varying = [ln for ln in lines if ln.startswith("| ") and ln.count("|") == 8 and not ln.startswith("| varying run ")]
+    assert [ln.split("|")[1].strip() for ln in varying] == list(DRY_VARYING_MATRIX)
     text = out.read_text()
+    for name in DRY_VARYING_MATRIX:
+        assert f"compile events after step 5 = 0 for {name}: 0 -> **met**" in text
     assert "MFU ≥ 45% for full_eager_packed:" in text  # the target's arithmetic ran on the stand-in row
     assert "6·N·T + 6·d·V·T_s + 12·L·d·S·T" in text  # the formula is stated
     assert text in proc.stdout  # printed too

@@ -213,15 +213,12 @@ def test_step_needs_no_host_sync(kind, packed):
         assert out.losses.is_meta and out.losses.shape == (6,)
 
 
-def test_static_shapes_one_row_bucketed_and_still_exact():
-    """CUDA's layout (static_shapes): one row, its length from a short ladder, same numbers."""
-    from prefopt.packing import bucket_length
-
-    assert [bucket_length(n) for n in (1, 512, 513, 700, 1025, 1800, 3000)] == [512, 512, 640, 768, 1280, 2048, 3072]
-    ladder = {bucket_length(n) for n in range(1, 16385)}
-    assert len(ladder) == 21 and all(x % 128 == 0 for x in ladder)  # ~4 shapes per doubling
-    assert all(bucket_length(n) <= 1.25 * n for n in range(512, 16385))  # <= 25% padding
+def test_one_row_unpadded_and_still_exact():
+    """CUDA's layout (one_row): one row of exactly the pairs' length (at least MIN_FLEX_LEN),
+    rows of at most max_seq_len when they do not fit together, same numbers."""
     from torchtune.models.llama3 import llama3
+
+    from prefopt.packing import MIN_FLEX_LEN
 
     torch.manual_seed(0)
     model = llama3(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=1024,
@@ -229,10 +226,11 @@ def test_static_shapes_one_row_bucketed_and_still_exact():
     items = _items()
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
     ref, ref_grads = _run(model, padded_collate_preference(items, padding_idx=0), loss_fn)
-    one_row = packed_collate_preference(items, static_shapes=True, max_seq_len=1024)
-    # the model takes at most 64 positions: rows of exactly 64, only their number varies
-    capped = packed_collate_preference(items, static_shapes=True, max_seq_len=64)
-    assert one_row["tokens"].shape == (1, 512) and capped["tokens"].shape[1] == 64
+    one_row = packed_collate_preference(items, one_row=True, max_seq_len=1024)
+    assert one_row["tokens"].shape == (1, MIN_FLEX_LEN)  # 66 positions, raised to the minimum
+    # the model takes at most 64 positions: rows of at most 64, as long as the longest
+    capped = packed_collate_preference(items, one_row=True, max_seq_len=64)
+    assert capped["tokens"].shape[0] == 2 and capped["tokens"].shape[1] <= 64
     for packed in (one_row, capped):
         out, grads = _run(model, packed, loss_fn)
         assert_close(out.losses, ref.losses, atol=1e-5, rtol=1e-5)
@@ -262,13 +260,75 @@ def test_default_row_capacity_combines_pairs_when_it_is_cheaper():
 
 
 def test_row_layout_by_hand():
-    """Which pairs share a row, worked by hand: first-fit-decreasing at row_len, one bucketed row
-    with static shapes (rows of the model's length when that does not fit), None past the limit."""
+    """Which pairs share a row, worked by hand: first-fit-decreasing at row_len, one unpadded row
+    with one_row (first-fit-decreasing at the model's length when that does not fit), None past
+    the limit."""
     from prefopt.packing import row_layout
 
     assert row_layout([5, 3, 2], row_len=6) == ([[0], [1, 2]], 5)
     assert row_layout([5, 3, 2], row_len=6, pad_to_multiple_of=4) == ([[0], [1, 2]], 8)
     assert row_layout([5, 3, 2], row_len=6, pad_to_multiple_of=4, max_seq_len=7) == ([[0], [1, 2]], 7)  # capped
-    assert row_layout([5, 3, 2], static_shapes=True) == ([[0, 1, 2]], 512)
-    assert row_layout([300, 200, 100], static_shapes=True, max_seq_len=400) == ([[0, 2], [1]], 400)
+    assert row_layout([5, 3, 2], one_row=True) == ([[0, 1, 2]], 256)  # MIN_FLEX_LEN
+    assert row_layout([500, 300, 101], one_row=True) == ([[0, 1, 2]], 901)  # no padding
+    assert row_layout([500, 300, 101], one_row=True, pad_to_multiple_of=8) == ([[0, 1, 2]], 904)
+    assert row_layout([300, 200, 100], one_row=True, max_seq_len=400) == ([[0, 2], [1]], 400)
+    assert row_layout([300, 200, 50], one_row=True, max_seq_len=400) == ([[0, 2], [1]], 350)
     assert row_layout([5, 9], max_seq_len=8) is None
+
+
+def _ultrafeedback_like_items(n, seed=0, max_pair=2040):
+    """``n`` pairs of benchmarks/make_pref_data.py's lengths (log-normal words per part at its
+    medians and sigma, ~1.9 tokens of the tiny tokenizer per word), random token ids; each pair's
+    packed length is at most ``max_pair``."""
+    import math
+    import random
+
+    from benchmarks.make_pref_data import MEDIAN_WORDS, SIGMA
+
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        p, c, r = (max(1, int(1.9 * MEDIAN_WORDS[k] * math.exp(rng.gauss(0.0, SIGMA)))) for k in ("prompt", "chosen", "rejected"))
+        c, r = min(c, max_pair // 3), min(r, max_pair // 3)
+        p = min(p, max_pair - c - r)
+        prompt = [rng.randrange(1, V) for _ in range(p)]
+        ch, rj = ([rng.randrange(1, V) for _ in range(k)] for k in (c, r))
+        items.append({"chosen_input_ids": prompt + ch, "chosen_labels": [IGN] * p + ch,
+                      "rejected_input_ids": prompt + rj, "rejected_labels": [IGN] * p + rj, "row": i})
+    return items
+
+
+def test_flex_attention_compiles_once_for_varying_lengths():
+    """CPU proxy of the packed layout's CUDA path (its FlexAttention forward compiles on the CPU
+    in torch 2.13; the backward does not): the CUDA collate (one_row), the BlockMask
+    construction and the attention call the step installs in every torchtune attention layer,
+    driven through a decoder's forward with 30 micro-batches of UltraFeedback-like lengths (2
+    pairs each; the model takes at most 2,048 positions, so some micro-batches are 2 rows, which
+    FlexAttention sees as one): FlexAttention is compiled FLEX_COMPILES (1) times, and the
+    outputs equal the dense-mask path's (SDPA) to 1e-5."""
+    from torch._dynamo.utils import counters
+    from torchtune.models.llama3_2 import llama3_2
+
+    from prefopt.attention import FLEX_COMPILES, flex_compile_count, use_flex_attention
+
+    torch.manual_seed(0)
+    model = llama3_2(vocab_size=V, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, max_seq_len=2048,
+                     intermediate_dim=64).eval()
+    assert use_flex_attention(model) == 2 and use_flex_attention(model) == 0  # idempotent
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    items = _ultrafeedback_like_items(60)
+    shapes = set()
+    for k in range(30):
+        batch = packed_collate_preference(items[2 * k : 2 * k + 2], one_row=True, max_seq_len=2048)
+        shapes.add(tuple(batch["tokens"].shape))
+        pair, kind = batch["doc_pair"], batch["doc_kind"]
+        with torch.no_grad():
+            flex = model(batch["tokens"], mask=packed_attention_mask(pair, kind, block_mask=True),
+                         input_pos=batch["input_pos"])
+            dense = model(batch["tokens"], mask=packed_attention_mask(pair, kind, block_mask=False),
+                          input_pos=batch["input_pos"])
+        assert_close(flex, dense, atol=1e-5, rtol=1e-5, msg=lambda m: f"micro-batch {k}: {m}")
+        assert flex_compile_count() == FLEX_COMPILES, f"micro-batch {k} {tuple(batch['tokens'].shape)} compiled again"
+    assert counters["stats"]["unique_graphs"] - graphs == FLEX_COMPILES
+    assert len(shapes) >= 25 and {r for r, _ in shapes} == {1, 2}  # ~a new shape every micro-batch

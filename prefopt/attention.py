@@ -1,0 +1,173 @@
+"""The packed layout's attention on CUDA: FlexAttention compiled once, for every row length.
+
+torchtune compiles ``flex_attention`` at import with ``dynamic=False``
+(``torchtune/modules/attention_utils.py``): every new micro-batch shape compiles it again, and
+after Dynamo's recompile limit (8) the call runs *unfused*, materialising the ``[b, heads, L, L]``
+scores in every layer -- the memory the packed layout exists to save. Our micro-batches have a
+new length nearly every step (the pairs' lengths, unpadded), so :func:`use_flex_attention` gives
+every torchtune ``MultiHeadAttention`` of a model our own attention call instead:
+
+- a ``BlockMask`` goes to :func:`packed_flex_attention`: ``flex_attention`` compiled ONCE, with
+  dynamic shapes (``torch.compile(dynamic=True)``: the row length is a symbol, not a constant)
+  and ``fullgraph=True``, so that Dynamo never runs it uncompiled: past its recompile limit it
+  raises (``FailOnRecompileLimitHit``), which we turn into an error saying why, instead of
+  Dynamo's silent fallback to the unfused implementation;
+- any other mask (the padded layout, a dense bool mask) goes to torchtune's own SDPA call,
+  unchanged.
+
+Why this and not the alternatives (measured on the CPU, where FlexAttention's forward compiles in
+torch 2.13; ``tests/test_packing.py::test_flex_attention_compiles_once_for_varying_lengths``):
+
+- compiled with ``dynamic=True``, one compile served 30 micro-batches of UltraFeedback-like
+  lengths (30 distinct shapes, rows of 1,131-2,045 positions, any length, not only multiples of
+  128; one or two rows), with outputs equal to the dense-mask path to 1e-5; a fixed-shape compile
+  (torchtune's) compiles once per distinct length: 832 of them in 1,000 micro-batches of 4 pairs;
+- a fixed token budget per row (one static shape) pads every micro-batch to the longest one a run
+  can have (4 pairs of up to 2 x 2,048 tokens: 16k positions for batch_size 4), about 75 % of
+  the positions on UltraFeedback-like data (a pair's median is ~1,030 tokens);
+- per-segment SDPA calls (no compile) cost one kernel launch per pair and part per layer, and a
+  rejected response attends to two separate key ranges (the shared prefix, then itself).
+
+What the compiled call sees is always one row (``B = 1``): :func:`prefopt.packing.packed_attention_mask`
+builds the ``BlockMask`` over the ``R x L`` positions of the micro-batch laid end to end (rows
+never attend to each other), and a batch of ``R > 1`` rows (the model's ``max_seq_len`` exceeded)
+is viewed as one row of ``R x L`` here, so that ``B`` never changes either (Dynamo specialises a
+size of 1, so ``B`` 1 -> 2 would be a second compile). Rows are at least 256 positions
+(:data:`prefopt.packing.MIN_FLEX_LEN`, two 128-blocks): one block would be a size of 1 as well,
+and below 128 inductor lowers to its decoding kernel. Duck sizing is off while it compiles (a
+first length equal to the head dim would be compiled as that equality).
+
+Stated count: **one compile per process** (one more after each ``torch._dynamo.reset()``), for
+any mix of lengths; :func:`flex_compile_count` reads it, and every compile after the first is
+logged as a warning. Its backward is compiled with it (on CUDA; the CPU has none in torch 2.13).
+"""
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+__all__ = ["use_flex_attention", "packed_flex_attention", "flex_compile_count", "FLEX_COMPILES"]
+
+log = logging.getLogger(__name__)
+
+#: the stated number of compiles of :func:`packed_flex_attention` per process, for any mix of lengths
+FLEX_COMPILES = 1
+
+_compiled = None
+_seen = 0  # compiled variants (Dynamo cache entries) of _flex seen after the last call
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    # our own code object: its Dynamo cache (and recompile limit) is not shared with torchtune's
+    # compiled ``flex_attention``
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def flex_compile_count() -> int:
+    """How many compiled variants of the packed FlexAttention Dynamo holds now (0 before its first
+    call or after ``torch._dynamo.reset()``; :data:`FLEX_COMPILES` once it has run)."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(_flex.__code__))
+
+
+@torch.compiler.disable(recursive=False)
+def packed_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """``flex_attention(q, k, v, block_mask=block_mask)``, compiled once with dynamic shapes.
+
+    Outside any compiled region (``torch.compiler.disable``, as torchtune's own call: the
+    decoder layers may be compiled, FlexAttention cannot be compiled inside them twice).
+
+    Args:
+        q, k, v (torch.Tensor): ``[R, H, L, D]`` (k, v already expanded to ``H`` heads).
+        block_mask (BlockMask): over ``[R, L]`` or, from :func:`prefopt.packing.packed_attention_mask`,
+            over one row of ``R x L`` (then the rows are viewed as that one row).
+
+    Returns:
+        torch.Tensor: ``[R, H, L, D]``.
+
+    Raises:
+        RuntimeError: when it would run uncompiled (Dynamo disabled, or its recompile limit hit):
+            the unfused FlexAttention materialises ``[R, H, L, L]`` scores in every layer.
+    """
+    global _compiled, _seen
+    if torch._dynamo.config.disable:
+        raise RuntimeError(
+            "the packed layout's FlexAttention would run uncompiled (torch._dynamo is disabled, "
+            "TORCHDYNAMO_DISABLE?): unfused, it materialises [rows, heads, L, L] scores in every layer. "
+            "Enable Dynamo, or set packed: False."
+        )
+    if _compiled is None:
+        _compiled = torch.compile(_flex, dynamic=True, fullgraph=True)
+    R, H, L, D = q.shape
+    flat = block_mask.seq_lengths[0] == R * L  # our mask: one row of R x L (R = 1 nearly always)
+    if flat:
+        # [R, H, L, D] -> [1, H, R*L, D], the rows end to end as the mask was built, always
+        # through the same ops, so that the strides Dynamo guards on follow one pattern whichever
+        # R (dim 0's stride is specialised, a size of 1: [0].unsqueeze(0) gives it one formula),
+        # and as tensors that are not views (_unsafe_view: the same storage, no copy), or Dynamo
+        # guards on their base's sizes too, R among them (1 vs >= 2: a second compile)
+        q, k, v = (torch.ops.aten._unsafe_view(
+            (x[0] if R == 1 else x.transpose(0, 1).reshape(H, R * L, x.shape[-1])).unsqueeze(0), (1, H, R * L, x.shape[-1]))
+            for x in (q, k, v))
+    try:
+        # no duck sizing: a first row whose length equals the head dim (or any other size) would
+        # otherwise be compiled as "L == head_dim", and the next length would compile again
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            out = _compiled(q, k, v, block_mask)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise RuntimeError(
+            f"the packed layout's FlexAttention reached torch._dynamo's recompile limit "
+            f"({torch._dynamo.config.recompile_limit}) after {flex_compile_count()} compiles (last shape "
+            f"{tuple(q.shape)}): uncompiled it would materialise [rows, heads, L, L] scores in every layer, "
+            f"so it stops here. It is meant to compile {FLEX_COMPILES}x per process; set packed: False to "
+            f"train with the padded layout."
+        ) from e
+    n = flex_compile_count()
+    if n != _seen:
+        if n > FLEX_COMPILES:
+            log.warning(f"packed FlexAttention compiled again ({n} variants, shape {tuple(q.shape)}): "
+                        f"{FLEX_COMPILES} expected")
+        else:
+            log.info(f"packed FlexAttention compiled (dynamic shapes, first shape {tuple(q.shape)})")
+        _seen = n
+    if flat:
+        out = out[0].view(H, R, L, -1).transpose(0, 1)
+    return out
+
+
+_FALLBACK = None  # one instance of torchtune's attention call, shared (see _attention_call)
+
+
+def _attention_call(q, k, v, mask, dropout_p: float, is_causal: bool) -> torch.Tensor:
+    # One function object for every layer (Dynamo, compiling the layers, guards on it: one per
+    # layer would be a guard failure, a recompile, per layer). Only the BlockMask branch leaves
+    # the compiled layer; the padded layout's SDPA stays inside it.
+    if isinstance(mask, BlockMask):
+        if dropout_p > 0.0:
+            raise ValueError("FlexAttention (the packed layout on CUDA) has no dropout: set attn_dropout to 0")
+        return packed_flex_attention(q, k, v, mask)
+    return _FALLBACK(q, k, v, mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def use_flex_attention(model: nn.Module) -> Optional[int]:
+    """Give every torchtune ``MultiHeadAttention`` of ``model`` :func:`_attention_call` (idempotent).
+
+    Returns:
+        Optional[int]: how many modules were changed now (0 when already done).
+    """
+    global _FALLBACK
+    from torchtune.modules import MultiHeadAttention
+    from torchtune.modules.attention_utils import _sdpa_or_flex_attention
+
+    if _FALLBACK is None:
+        _FALLBACK = _sdpa_or_flex_attention()
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention) and m._attention_call is not _attention_call:
+            m._attention_call = _attention_call
+            n += 1
+    return n
