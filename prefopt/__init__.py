@@ -16,6 +16,8 @@ Each module has one job:
 - :mod:`prefopt.metrics`: the metrics TRL and princeton log, reduced over micro-batches and ranks.
 - :mod:`prefopt.config`: start-up validation of a recipe's config, every problem in one error.
 - :mod:`prefopt.checkpointing`: the start-up checks that output_dir can hold the checkpoints.
+- :mod:`prefopt.startup`: the start-up checks that need the components (loss and optimizer built,
+  data files, splits and max_seq_len against the model on the meta device) and the zero-lr warning.
 - :mod:`prefopt.resume`: resume states: written atomically, the newest intact one found, the config
   compared.
 - :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.

@@ -10,7 +10,9 @@ distributed: the recipes decide which rank checks. How a resume state is written
 :mod:`prefopt.resume`'s.
 """
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -32,14 +34,21 @@ def check_output_dir(path: Path) -> None:
     """Create ``path`` and write a 4 KiB probe file into it; fail before any model is built if
     checkpoints could not be written.
 
+    The probe gets a new random name, created exclusively (``tempfile.mkstemp``: ``O_CREAT |
+    O_EXCL``): a fixed name would follow a symbolic link planted in a shared ``output_dir`` and
+    overwrite (then delete the name of) whatever file it points to.
+
     Raises:
         OSError: naming ``output_dir`` and the underlying error.
     """
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write_probe-", dir=path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"0" * 4096)
+        finally:
+            os.unlink(probe)
     except OSError as e:
         raise OSError(f"output_dir={str(path)!r} is not writable: {e}") from e
 

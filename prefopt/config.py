@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["Key", "ConfigError", "validate_config", "positive", "non_negative", "at_least"]
+__all__ = ["Key", "ConfigError", "validate_config", "positive", "non_negative", "at_least", "load_config_file", "parse"]
 
 _MISSING = object()
 
@@ -216,6 +216,7 @@ def validate_config(
     *,
     bound_args: Optional[Mapping[str, Tuple[str, ...]]] = None,
     extra_checks: Optional[Callable[[Dict[str, Any]], List[str]]] = None,
+    component_checks: Optional[Callable[[Dict[str, Any]], List[str]]] = None,
 ) -> Dict[str, Any]:
     """Check ``cfg`` against ``spec``; return the plain values (defaults filled in).
 
@@ -225,6 +226,10 @@ def validate_config(
         bound_args (Optional[Mapping[str, Tuple[str, ...]]]): for component keys, the arguments
             the recipe passes itself (e.g. ``{"optimizer": ("params",)}``); they must not be given.
         extra_checks: ``values -> [problems]`` for cross-key rules (after the per-key checks).
+        component_checks: ``values -> [problems]`` found by building components or looking at
+            files (e.g. :func:`prefopt.startup.component_problems`); run even when other keys
+            have problems, on the keys that have none of their own, so that the one error lists
+            them all.
 
     Returns:
         Dict[str, Any]: ``{key: value}`` for every key of ``spec``; component blocks stay
@@ -236,6 +241,7 @@ def validate_config(
     bound_args = bound_args or {}
     problems: List[str] = []
     values: Dict[str, Any] = {}
+    bad: set = set()  # component keys whose block has problems: not given to component_checks
     for k in cfg.keys():
         if k not in spec:
             close = difflib.get_close_matches(str(k), list(spec), n=1)
@@ -260,7 +266,10 @@ def validate_config(
             blocks = list(value) if isinstance(value, (list, ListConfig)) else [value]
             for i, b in enumerate(blocks):
                 where = f"{name}[{i}]" if len(blocks) > 1 else name
-                problems += _check_component(where, b, bound_args.get(name, ()))
+                found = _check_component(where, b, bound_args.get(name, ()))
+                problems += found
+                if found:
+                    bad.add(name)
             values[name] = value
             continue
         if isinstance(value, (DictConfig, ListConfig)):
@@ -288,6 +297,8 @@ def validate_config(
         values[name] = value
     if not problems and extra_checks is not None:
         problems += extra_checks(values)
+    if component_checks is not None:
+        problems += component_checks({k: v for k, v in values.items() if k not in bad})
     if problems:
         raise ConfigError(
             f"{len(problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems)
@@ -316,3 +327,44 @@ def load_config_file(path: Any) -> DictConfig:
         what = "a YAML list" if isinstance(cfg, ListConfig) else "empty"
         raise ConfigError(f"{path}: the config is {what}, not a mapping of keys (`key: value` lines, as in configs/tiny/simpo_lora.yaml)")
     return cfg
+
+
+def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
+    """torchtune's ``@config.parse`` (same use, delegating to it), with the ``--config`` file
+    checked first: a config that is a YAML list, bad YAML or no file stops the recipe with one
+    line naming the file and the problem (exit status 2), where torchtune's parser raises a raw
+    ``TypeError``/``ScannerError`` traceback.
+
+    Use on a recipe's main function::
+
+        @prefopt.config.parse
+        def recipe_main(cfg: DictConfig) -> None: ...
+
+    Raises:
+        SystemExit: (status 2) with ``<recipe file>: <file>: <problem>`` from
+            :func:`load_config_file`. Without ``--config`` torchtune's parser reports it.
+    """
+    import argparse
+    import functools
+    import sys
+    from pathlib import Path
+
+    from torchtune.config import parse as tune_parse
+
+    tune_main = tune_parse(recipe_main)
+
+    @functools.wraps(recipe_main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        peek = argparse.ArgumentParser(add_help=False)
+        peek.add_argument("--config")
+        known, _ = peek.parse_known_args()
+        if known.config is not None:
+            try:
+                load_config_file(known.config)
+            except ConfigError as e:
+                # the recipe's file name (`tune run` may run it as a module: argv[0] a dotted name)
+                print(f"{Path(recipe_main.__code__.co_filename).name}: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+        return tune_main(*args, **kwargs)
+
+    return wrapper

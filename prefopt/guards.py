@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -90,11 +91,38 @@ def lock_output_dir(output_dir: Union[str, Path]):
     ``flock`` locks belong to the open file, so a second call, even in the same process, fails.
     Note: ``flock`` on NFS is emulated with POSIX locks on Linux (works across nodes on NFSv4).
 
+    The name is fixed (every run in the folder must agree on it), so it is opened without
+    following a symbolic link (``O_NOFOLLOW``) and written only if it is a regular file with no
+    other name (one hard link): a link planted in a shared ``output_dir`` must not make the run
+    truncate the file it points to.
+
     Raises:
         OutputDirLockedError: naming the folder and the holder (PID and host from the file).
+        OSError: ``.lock`` is a symbolic link, not a regular file, or has other hard links
+            (naming it and what to do), or cannot be opened.
     """
     path = Path(output_dir) / LOCK_FILE
-    f = open(path, "a+")
+    try:
+        # O_NONBLOCK: a FIFO planted under the name must not block the open
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if path.is_symlink():
+            raise OSError(
+                f"output_dir={str(output_dir)!r}: the lock file {path} is a symbolic link (to {os.readlink(path)}), "
+                "not a file a run made; it is not followed. Remove the link (or choose another output_dir)."
+            ) from None
+        raise OSError(f"output_dir={str(output_dir)!r}: cannot open the lock file {path}: {e}") from e
+    st = os.fstat(fd)
+    what = ("not a regular file" if not stat.S_ISREG(st.st_mode)
+            else f"a name of a file with {st.st_nlink} hard links" if st.st_nlink != 1 else None)
+    if what:
+        os.close(fd)
+        raise OSError(
+            f"output_dir={str(output_dir)!r}: the lock file {path} is {what}, not a file a run made; it is "
+            "left as it is. Remove it (or choose another output_dir)."
+        )
+    os.set_blocking(fd, True)
+    f = open(fd, "a+")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -37,12 +37,13 @@ from tqdm import tqdm
 
 from prefopt.checkpointing import check_checkpoint_space, check_output_dir, checkpoint_bytes, optimizer_states_per_param
 from prefopt.collate import packed_collate_preference, padded_collate_preference
-from prefopt.config import Key, at_least, one_of, positive, validate_config
+from prefopt.config import Key, at_least, one_of, parse, positive, validate_config
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.models.match import check_model_matches_checkpoint
 from prefopt.packing import packing_unsupported_reason
 from prefopt.resume import RESUME_KEYS, load_checkpoint_file, read_newest_state, start_fresh_run, write_state
+from prefopt.startup import component_problems, zero_lr_warning
 from prefopt.step import preference_forward
 from prefopt.teardown import release_data
 
@@ -169,7 +170,11 @@ class SimPORecipeDistributed:
 
     def __init__(self, cfg: DictConfig) -> None:
         # Validate first: a bad key must fail before a process group or a model exists.
-        v = validate_config(cfg, CONFIG_SPEC, bound_args=BOUND_ARGS, extra_checks=_cross_checks)
+        # component_problems: the loss and optimizer built, the data files, splits and max_seq_len
+        # checked against the model (on the meta device): in the same error, not hours in
+        v = validate_config(
+            cfg, CONFIG_SPEC, bound_args=BOUND_ARGS, extra_checks=_cross_checks, component_checks=component_problems
+        )
         self._cfg = v
         self._run_cfg = cfg  # saved as config.yaml beside every resume state
         check_device(v["device"])  # utils.get_device does not check that CUDA exists
@@ -312,6 +317,10 @@ class SimPORecipeDistributed:
                 last_epoch=-1,
             )
             self._sync_lr()
+        # a run whose rate is 0 at every step trains for hours and changes nothing
+        warning = zero_lr_warning(v["optimizer"], v["lr_scheduler"], self.total_epochs * self._steps_per_epoch)
+        if warning and self._is_rank_zero:
+            log.warning(warning)
         self._profiler = self._setup_profiler(v["profiler"])
         self._metrics = PreferenceMetrics.for_loss(self._loss_fn, self._device)
         self._info(
@@ -858,7 +867,8 @@ def _memory_stats(device: torch.device) -> Dict[str, float]:
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-@config.parse
+# prefopt.config.parse: torchtune's, with a config that is a YAML list or bad YAML named in one line
+@parse
 def recipe_main(cfg: DictConfig) -> None:
     recipe = SimPORecipeDistributed(cfg=cfg)
     config.log_config(recipe_name="SimPORecipeDistributed", cfg=cfg)  # rank 0, once the group exists

@@ -35,13 +35,14 @@ from tqdm import tqdm
 
 from prefopt.checkpointing import check_checkpoint_space, check_output_dir, checkpoint_bytes, optimizer_states_per_param
 from prefopt.collate import packed_collate_preference, padded_collate_preference
-from prefopt.config import Key, at_least, one_of, positive, validate_config
+from prefopt.config import Key, at_least, one_of, parse, positive, validate_config
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.models.match import CheckpointMismatchError, check_model_matches_checkpoint
 from prefopt.packing import packing_unsupported_reason
 from prefopt.peft import keep_adapters_in_fp32
 from prefopt.resume import load_checkpoint_file, read_newest_state, start_fresh_run, write_state
+from prefopt.startup import component_problems, zero_lr_warning
 from prefopt.step import preference_forward
 from prefopt.teardown import release_data
 
@@ -127,7 +128,11 @@ class SimPORecipeSingleDevice:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        v = validate_config(cfg, CONFIG_SPEC, bound_args=BOUND_ARGS, extra_checks=_cross_checks)
+        # component_problems: the loss and optimizer built, the data files, splits and max_seq_len
+        # checked against the model (on the meta device): in the same error, not hours in
+        v = validate_config(
+            cfg, CONFIG_SPEC, bound_args=BOUND_ARGS, extra_checks=_cross_checks, component_checks=component_problems
+        )
         self._cfg = v
         self._run_cfg = cfg  # saved as config.yaml beside every resume state
         check_device(v["device"])  # utils.get_device does not check that CUDA exists
@@ -237,6 +242,10 @@ class SimPORecipeSingleDevice:
                 num_training_steps=self.total_epochs * self._steps_per_epoch,
                 last_epoch=-1,
             )
+        # a run whose rate is 0 at every step trains for hours and changes nothing
+        warning = zero_lr_warning(v["optimizer"], v["lr_scheduler"], self.total_epochs * self._steps_per_epoch)
+        if warning:
+            log.warning(warning)
         self._metrics = PreferenceMetrics.for_loss(self._loss_fn, self._device)
         if v["resume_from_checkpoint"]:
             self._load_resume_state()
@@ -541,7 +550,8 @@ def _memory_stats(device: torch.device) -> Dict[str, float]:
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-@config.parse
+# prefopt.config.parse: torchtune's, with a config that is a YAML list or bad YAML named in one line
+@parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="SimPORecipeSingleDevice", cfg=cfg)
     recipe = SimPORecipeSingleDevice(cfg=cfg)
