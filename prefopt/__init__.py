@@ -19,7 +19,11 @@ Each module has one job:
 - :mod:`prefopt.startup`: the start-up checks that need the components (loss and optimizer built,
   data files, splits and max_seq_len against the model on the meta device) and the zero-lr warning.
 - :mod:`prefopt.resume`: resume states: written atomically, the newest intact one found, the config
-  compared.
+  and the data compared (the comparison and its one message: ``resume_check``).
+- :mod:`prefopt.safe_load`: reading back what a run saved (torch.load, torch.distributed.checkpoint)
+  with nothing in a file able to run code.
+- :mod:`prefopt.export`: the epoch-end exports (``epoch_<N>/``), whole or not at all; a resume
+  finishes a lost one.
 - :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.
 - :mod:`prefopt.teardown`: what a recipe's ``cleanup`` releases (the run's Arrow data) so it ends normally.
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.

@@ -16,9 +16,11 @@ A recipe says WHAT a state holds and restores; this module does HOW:
   ``step_<N>`` or a whole one. A write error (a full disk) removes the temporary folder and raises
   one ``OSError`` naming it, the cause and the last complete state, which stays intact.
 - :func:`read_newest_state`: the newest complete state whose files can be read (its ``read``
-  callable), falling back past corrupt ones with a warning each; the config compared with the
-  saved run's in what a resume must keep (:data:`RESUME_KEYS` plus the recipe's own values),
-  with one error text for every recipe (:func:`check_resume`).
+  callable, with :func:`load_checkpoint_file`: nothing a file holds can run code), falling back
+  past corrupt or refused ones with a warning each; the config and the data compared with the
+  saved run's in what a resume must keep (:data:`RESUME_KEYS` plus the recipe's own values,
+  :func:`data_identity`), with one error text for every recipe (:func:`check_resume`; both in
+  :mod:`prefopt.resume_check`). The epoch-end exports beside the states: :mod:`prefopt.export`.
 
 ``distributed=True`` (the FSDP recipe, on the default process group): rank 0 makes, completes,
 renames and prunes the folder and writes the config; every rank runs ``write``, ``read`` and
@@ -28,19 +30,32 @@ same error, and every rank tries the states that rank 0 listed, in the same orde
 
 import logging
 import os
-import pickle
 import shutil
-import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
-import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+# what a resume must keep and the one mismatch text: prefopt.resume_check; how the files of a
+# state are read without running code: prefopt.safe_load (both re-exported here)
+from prefopt.resume_check import (
+    CONFIG_FILE,
+    RESUME_KEYS,
+    SAVED_IF_NULL,
+    ResumeMismatchError,
+    check_resume,
+    data_identity,
+    data_mismatches,
+    resume_mismatches,
+)
+from prefopt.safe_load import CorruptCheckpointError, load_checkpoint_file
 
 __all__ = [
     # what the recipes call
     "RESUME_KEYS",
+    "SAVED_IF_NULL",
+    "data_identity",
     "start_fresh_run",
     "write_state",
     "read_newest_state",
@@ -65,6 +80,7 @@ __all__ = [
     "save_run_config",
     "load_run_config",
     "resume_mismatches",
+    "data_mismatches",
     "check_resume",
     "load_newest_intact",
 ]
@@ -75,26 +91,8 @@ PathLike = Union[str, Path]
 
 STATE_DIR = "checkpoints"  # <output_dir>/checkpoints/step_<N>/
 COMPLETE = "COMPLETE"  # the marker written last into a resume state
-CONFIG_FILE = "config.yaml"  # the run config, in output_dir and in every resume state
-
-# Top-level config keys (whole blocks: every key inside them) that must be the same in a resumed
-# run as in the run that wrote the resume state: they decide which pairs make up each step (the
-# data, its truncation, the order), how many steps there are (the LR schedule's length), and the
-# shapes of what is restored (the model, e.g. model.lora_rank). A new such key (say `packed`) is
-# one more entry here. Recipes add their own (e.g. optimizer_in_bwd) and derived values (the
-# distributed recipe: batch_size x world_size, since the world size may change on resume).
-RESUME_KEYS: Tuple[str, ...] = (
-    "model",
-    "dataset",
-    "seed",
-    "shuffle",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "epochs",
-    "max_steps_per_epoch",
-    "packed",
-)
-
+# CONFIG_FILE (prefopt.resume_check, which names it in the mismatch text): the run config, in
+# output_dir and in every resume state
 
 # ------------------------------------------------------------------------------------------------
 # the layout
@@ -359,27 +357,6 @@ def write_state(
 # reading
 
 
-class CorruptCheckpointError(RuntimeError):
-    """A file of a resume state cannot be read (truncated, overwritten, bit rot)."""
-
-
-class ResumeMismatchError(ValueError):
-    """The config differs from the saved run's in what a resume must keep."""
-
-
-# what torch.load / torch.distributed.checkpoint raise on a truncated or garbled file
-_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
-
-
-def load_checkpoint_file(path: PathLike, **torch_load_kwargs: Any) -> Any:
-    """``torch.load(path, map_location="cpu", ...)``, with any read error turned into a
-    :class:`CorruptCheckpointError` naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", **torch_load_kwargs)
-    except _READ_ERRORS as e:
-        raise CorruptCheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
-
-
 def load_newest_intact(states: Sequence[Path], load: Callable[[Path], T]) -> Tuple[Path, T, List[str]]:
     """Try ``load(state)`` on ``states`` (complete resume states, oldest first) from the newest
     down; return the first that loads, its result, and one line per newer state that did not
@@ -405,80 +382,6 @@ def load_newest_intact(states: Sequence[Path], load: Callable[[Path], T]) -> Tup
     )
 
 
-def _flat(value: Any, prefix: str) -> Dict[str, Any]:
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        out: Dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out or {prefix: {}}
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple, DictConfig, ListConfig)) for v in value):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flat(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: list(value) if isinstance(value, tuple) else value}
-
-
-def resume_mismatches(
-    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] = RESUME_KEYS
-) -> List[str]:
-    """The config keys (dotted, e.g. ``model.lora_rank``) among ``keys`` whose values differ
-    between the saved run's config and this run's, as ``"key=<this run> in the config but
-    <saved> in the saved run"`` lines. A key missing on one side counts as ``<unset>``.
-    Interpolations are resolved on both sides; ``1`` and ``1.0`` are equal.
-
-    Args:
-        saved, current: configs (DictConfig or plain mappings).
-        keys: top-level keys to compare (default :data:`RESUME_KEYS`).
-    """
-    unset = "<unset>"
-    problems = []
-    for key in keys:
-        a = _flat(saved[key], key) if key in saved else {key: unset}
-        b = _flat(current[key], key) if key in current else {key: unset}
-        for k in sorted(set(a) | set(b), key=lambda s: (s not in b, s)):
-            va, vb = a.get(k, unset), b.get(k, unset)
-            if va != vb:
-                problems.append(f"{k}={vb!r} in the config but {va!r} in the saved run")
-    return problems
-
-
-def check_resume(
-    state: Path,
-    saved_cfg: Optional[Mapping[str, Any]],
-    cfg: Mapping[str, Any],
-    keys: Iterable[str] = RESUME_KEYS,
-    values: Optional[Mapping[str, Any]] = None,
-    saved_values: Optional[Mapping[str, Any]] = None,
-) -> None:
-    """Raise if this run may not continue the resume state in folder ``state``: the ``keys`` of
-    ``cfg`` against the state's saved config ``saved_cfg`` (:func:`resume_mismatches`; skipped
-    if None), and each of ``values`` (this run's values that the config alone does not fix, e.g.
-    a seed drawn at random) against the same key of ``saved_values``; a key that the config
-    comparison named already is not named twice.
-
-    Raises:
-        ResumeMismatchError: a ValueError naming the saved config (or the state) and every
-            differing key with both values: the one text of every recipe.
-    """
-    wrong = resume_mismatches(saved_cfg, cfg, keys) if saved_cfg is not None else []
-    named = {w.split("=")[0] for w in wrong}
-    saved_values = saved_values or {}
-    wrong += [
-        f"{k}={mine!r} in the config but {saved_values[k]!r} in the saved run"
-        for k, mine in (values or {}).items()
-        if k not in named and saved_values[k] != mine
-    ]
-    if wrong:
-        source = state / CONFIG_FILE if saved_cfg is not None else state
-        raise ResumeMismatchError(
-            f"resume: the config differs from the saved run's ({source}) in what a resume must keep: "
-            + "; ".join(wrong) + ". Use the saved values, or start a fresh run in another output_dir."
-        )
-
-
 def read_newest_state(
     output_dir: PathLike,
     cfg: Mapping[str, Any],
@@ -487,6 +390,8 @@ def read_newest_state(
     keys: Iterable[str] = RESUME_KEYS,
     values: Optional[Mapping[str, Any]] = None,
     saved_values: Optional[Callable[[T], Mapping[str, Any]]] = None,
+    data: Optional[Mapping[str, Any]] = None,
+    saved_data: Optional[Callable[[T], Optional[Mapping[str, Any]]]] = None,
     restore: Optional[Callable[[Path, T], None]] = None,
     distributed: bool = False,
 ) -> Tuple[Path, T]:
@@ -495,7 +400,8 @@ def read_newest_state(
 
     Each complete state, newest first: ``read(folder)`` (this rank's files; any exception counts
     as a damaged file) and the saved ``config.yaml``; then :func:`check_resume` (``keys`` of
-    ``cfg`` against the saved config, ``values`` against ``saved_values(read's result)``); then
+    ``cfg`` against the saved config, ``values`` against ``saved_values(read's result)``, ``data``
+    against ``saved_data(read's result)``); then
     ``restore(folder, result)`` for what may only be loaded once the config is known to match
     (e.g. sharded weights into the model: a mismatched shape would look like a damaged file). A
     state that cannot be read (or whose ``restore`` finds a damaged file) is skipped with a
@@ -509,6 +415,10 @@ def read_newest_state(
         values: this run's values compared with the saved run's besides the config, by name.
         saved_values: the saved run's ``values`` (every key of them), from ``read``'s result;
             needed with ``values``.
+        data: this run's data sets by config key (``dataset``, ``eval_dataset``: their
+            :func:`data_identity`, None for none), compared with the saved run's.
+        saved_data: the saved run's ``data``, from ``read``'s result (None: a state saved
+            before data identities were kept, not compared, with a warning).
         restore: loads the rest, after the check. A damaged file: it raises CorruptCheckpointError,
             or torch.distributed.checkpoint raises its CheckpointException (on every rank).
         distributed (bool): every rank of the default process group calls this; rank 0 lists the
@@ -516,8 +426,8 @@ def read_newest_state(
 
     Raises:
         FileNotFoundError: no complete resume state.
-        ResumeMismatchError: the newest readable state's config differs (an older state would
-            not fix it).
+        ResumeMismatchError: the newest readable state's config or data differs (an older state
+            would not fix it).
         CorruptCheckpointError: no complete state can be read (one line per state).
     """
     lead = not distributed or dist.get_rank() == 0
@@ -544,8 +454,11 @@ def read_newest_state(
         if saved_cfg is None and lead:
             only = f", only the saved {', '.join(values)}" if values else ""
             log.warning("%s has no %s (an older run): the config is not compared with it%s", d, CONFIG_FILE, only)
+        old_data = saved_data(result) if saved_data is not None else None
+        if data is not None and old_data is None and lead:
+            log.warning("%s keeps no identity of its data (an older run): the data is not compared with it", d)
         # the same inputs on every rank: the same decision
-        check_resume(d, saved_cfg, cfg, keys, values, saved_values(result) if saved_values else None)
+        check_resume(d, saved_cfg, cfg, keys, values, saved_values(result) if saved_values else None, data, old_data)
         if restore is not None:
             try:
                 restore(d, result)

@@ -38,11 +38,20 @@ from tqdm import tqdm
 from prefopt.checkpointing import check_checkpoint_space, check_output_dir, checkpoint_bytes, optimizer_states_per_param
 from prefopt.collate import packed_collate_preference, padded_collate_preference
 from prefopt.config import Key, at_least, one_of, parse, positive, validate_config
+from prefopt.export import checkpointer_writing_to, missing_export, state_bytes, write_export
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.models.match import check_model_matches_checkpoint
 from prefopt.packing import packing_unsupported_reason
-from prefopt.resume import RESUME_KEYS, load_checkpoint_file, read_newest_state, start_fresh_run, write_state
+from prefopt.resume import (
+    RESUME_KEYS,
+    data_identity,
+    load_checkpoint_file,
+    read_newest_state,
+    start_fresh_run,
+    write_state,
+)
+from prefopt.safe_load import dcp_load
 from prefopt.startup import component_problems, zero_lr_warning
 from prefopt.step import preference_forward
 from prefopt.teardown import release_data
@@ -699,17 +708,29 @@ class SimPORecipeDistributed:
         )
         self._info(f"Resume state saved to {final_dir} in {time.perf_counter() - t0:.1f}s")
 
-        if not end_of_epoch:
-            return
+        if end_of_epoch:
+            self._export(epoch, final_dir)
+
+    def _export(self, epoch: int, state_dir: Path) -> None:
+        """``<output_dir>/epoch_<N>/``: the full model in the checkpointer's format (HF in -> HF
+        out), written by rank 0 to a temporary name and renamed (prefopt.export): the epoch's
+        resume state, written just before, says the epoch is done, so a lost export must be
+        visible (no ``epoch_<N>/``) for a resume to write it. Collective."""
         t0 = time.perf_counter()
         # All ranks take part in the all-gathers; only rank 0 keeps (and writes) the CPU copy.
         full = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
-        if self._is_rank_zero:
-            # fp32 master weights are written in the compute dtype (bf16), like the checkpoint read
-            full = {k: t.to(self._dtype) for k, t in full.items()}
-            self._checkpointer.save_checkpoint({training.MODEL_KEY: full}, epoch=epoch, intermediate_checkpoint=False)
-            log.info(f"Full model of epoch {epoch} saved in {time.perf_counter() - t0:.1f}s")
-        del full
+        # fp32 master weights are written in the compute dtype (bf16), like the checkpoint read
+        full = {k: t.to(self._dtype) for k, t in full.items()}
+
+        def write(root: Path) -> None:  # rank 0
+            with checkpointer_writing_to(self._checkpointer, root):  # writes <root>/epoch_<N>/
+                self._checkpointer.save_checkpoint({training.MODEL_KEY: full}, epoch=epoch, intermediate_checkpoint=False)
+
+        # a write error (a full disk) on rank 0 stops every rank with one message naming the folder
+        final = write_export(
+            self._output_dir, epoch, write, nbytes=state_bytes(full), state=state_dir, distributed=True
+        )
+        self._info(f"Full model of epoch {epoch} saved to {final} in {time.perf_counter() - t0:.1f}s")
         dist.barrier()
 
     def _save_recipe_state(self, tmp_dir: Path) -> None:
@@ -726,28 +747,37 @@ class SimPORecipeDistributed:
             "batch_size": self._batch_size,
             "gradient_accumulation_steps": self._grad_accum,
             "optimizer_in_bwd": self._optimizer_in_bwd,
+            "data": self._data_identity(),  # what a resume must read again: the same rows, the same order
         }
+        # tensors and plain values only: a resume reads it with weights_only=True (prefopt.safe_load)
         torch.save(state, tmp_dir / "recipe_state.pt")
+
+    def _data_identity(self) -> Dict[str, Any]:
+        """The data a resume must train on again (prefopt.resume.data_identity), by config key."""
+        loaders = {"dataset": self._dataloader, "eval_dataset": self._eval_dataloader}
+        return {k: None if dl is None else data_identity(dl.dataset) for k, dl in loaders.items()}
 
     def _load_resume_state(self) -> None:
         model_sd, optim_sd = get_state_dict(self._model, self._optimizers)
         loaded = {"model": model_sd, "optimizer": optim_sd}
 
         def read(d: Path):
-            """This rank's small files (a damaged one on any rank: every rank tries the next older state)."""
-            state = load_checkpoint_file(d / "recipe_state.pt", weights_only=False)
+            """This rank's small files (a damaged one on any rank, or one that would run code:
+            every rank tries the next older state)."""
+            state = load_checkpoint_file(d / "recipe_state.pt")
             rng_file = d / f"rng_rank{self.rank}.pt"
             same_world = state["world_size"] == self.world_size and rng_file.exists()
-            rng = load_checkpoint_file(rng_file, weights_only=False) if same_world else None
+            rng = load_checkpoint_file(rng_file) if same_world else None
             return state, rng
 
         def restore(d: Path, _) -> None:
             """Collective, once the config matches (a wrong shape would look like a damaged file)."""
-            dcp.load(loaded, checkpoint_id=d)  # into this rank's shards, resharding if needed
+            dcp_load(loaded, d)  # into this rank's shards, resharding if needed; nothing unpickled runs code
 
-        # Compared besides RESUME_CONFIG_KEYS: the resolved seed (a null seed is drawn at random)
-        # and the pairs per micro-batch over all ranks (batch_size x world_size); the world size
-        # itself may change. The same inputs on every rank: the same decision.
+        # Compared besides RESUME_CONFIG_KEYS: the resolved seed (a null seed is drawn at random:
+        # the saved one is taken instead), the pairs per micro-batch over all ranks (batch_size x
+        # world_size; the world size itself may change) and the data (rows appended to the file, a
+        # file replaced). The same inputs on every rank: the same decision.
         mine = {
             "seed": self.seed,
             "max_steps_per_epoch": self.max_steps_per_epoch,
@@ -762,7 +792,7 @@ class SimPORecipeDistributed:
 
         ckpt_dir, (state, rng) = read_newest_state(
             self._output_dir, self._run_cfg, read, keys=RESUME_CONFIG_KEYS, values=mine, saved_values=saved,
-            restore=restore, distributed=True,
+            data=self._data_identity(), saved_data=lambda result: result[0].get("data"), restore=restore, distributed=True,
         )
         set_state_dict(
             self._model, self._optimizers, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
@@ -773,6 +803,10 @@ class SimPORecipeDistributed:
         self.epochs_run = state["epochs_run"]
         self._step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
+        if self._cfg["seed"] is None:  # the data order and RNG streams of the saved run, not a new draw
+            self.seed = training.set_seed(seed=state["seed"])
+            self._sampler.seed = self.seed
+            self._info(f"seed: null in the config: the saved run's seed {self.seed} is used ({ckpt_dir})")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and self._device.type == "cuda":
@@ -782,6 +816,10 @@ class SimPORecipeDistributed:
             f"step {self.global_step}"
         )
         dist.barrier()
+        unexported = missing_export(self._output_dir, self.epochs_run, self._step_in_epoch, distributed=True)
+        if unexported is not None:  # the run stopped while writing it: the epoch is not done without it
+            self._info(f"{self._output_dir}/epoch_{unexported}/ is missing: writing the export of epoch {unexported} now")
+            self._export(unexported, ckpt_dir)
 
     def cleanup(self) -> None:
         # Peak resident memory of every rank, in one line on rank 0.

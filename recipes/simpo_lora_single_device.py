@@ -36,12 +36,13 @@ from tqdm import tqdm
 from prefopt.checkpointing import check_checkpoint_space, check_output_dir, checkpoint_bytes, optimizer_states_per_param
 from prefopt.collate import packed_collate_preference, padded_collate_preference
 from prefopt.config import Key, at_least, one_of, parse, positive, validate_config
+from prefopt.export import checkpointer_writing_to, missing_export, state_bytes, write_export
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.models.match import CheckpointMismatchError, check_model_matches_checkpoint
 from prefopt.packing import packing_unsupported_reason
 from prefopt.peft import keep_adapters_in_fp32
-from prefopt.resume import load_checkpoint_file, read_newest_state, start_fresh_run, write_state
+from prefopt.resume import data_identity, load_checkpoint_file, read_newest_state, start_fresh_run, write_state
 from prefopt.startup import component_problems, zero_lr_warning
 from prefopt.step import preference_forward
 from prefopt.teardown import release_data
@@ -442,7 +443,7 @@ class SimPORecipeSingleDevice:
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int, end_of_epoch: bool) -> None:
         """Resume state (always, atomically), plus at epoch ends the merged model and adapter
-        through the torchtune checkpointer (``<output_dir>/epoch_<N>/``, HF format in -> out).
+        (:meth:`_export`: ``<output_dir>/epoch_<N>/``, HF format in -> out).
 
         Why our own resume state: torchtune 0.6.1's checkpointers resume only at epoch
         boundaries and reload the merged model; SimPO runs are often a single epoch, so a kill
@@ -461,6 +462,7 @@ class SimPORecipeSingleDevice:
             "seed": self.seed,
             "total_epochs": self.total_epochs,
             "max_steps_per_epoch": self.max_steps_per_epoch,
+            "data": self._data_identity(),  # what a resume must read again: the same rows, the same order
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -472,12 +474,18 @@ class SimPORecipeSingleDevice:
             torch.save(state, d / "recipe_state.pt")
 
         # atomic, with the run config beside it: a kill leaves no half state, a full disk an
-        # error that names the last complete one (prefopt.resume)
+        # error that names the last complete one (prefopt.resume). Files hold tensors and plain
+        # values only: a resume reads them with weights_only=True (prefopt.safe_load).
         final_dir = write_state(self._output_dir, self.global_step, self._run_cfg, write)
         log.info(f"Resume state saved to {final_dir}")
+        if end_of_epoch:
+            self._export(epoch, adapter, final_dir)
 
-        if not end_of_epoch:
-            return
+    def _export(self, epoch: int, adapter: Dict[str, torch.Tensor], state_dir: Path) -> None:
+        """``<output_dir>/epoch_<N>/``: the merged model and the adapter through the torchtune
+        checkpointer (HF format in -> out), written to a temporary name and renamed
+        (prefopt.export): the epoch's resume state, written just before, says the epoch is done,
+        so a lost export must be visible (no ``epoch_<N>/``) for a resume to write it."""
         ckpt = {training.ADAPTER_KEY: adapter}
         if not self._cfg["save_adapter_weights_only"]:
             # state_dict() of a QLoRA model dequantizes NF4 weights through the builder's hook.
@@ -491,33 +499,43 @@ class SimPORecipeSingleDevice:
             ),
             "peft_type": "LORA",
         }
-        self._checkpointer.save_checkpoint(
-            ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=self._cfg["save_adapter_weights_only"]
-        )
-        # torchtune writes the adapter next to the merged model. transformers' from_pretrained
-        # then sees adapter_config.json and loads the folder as a PEFT adapter instead of the
-        # merged model (failing when peft rejects the installed torchao), so the adapter files
-        # move to epoch_<N>/adapter/: the folder is a plain HF model, the adapter sits beside it.
-        epoch_dir = self._output_dir / f"epoch_{epoch}"
-        if not self._cfg["save_adapter_weights_only"]:
-            (epoch_dir / "adapter").mkdir(exist_ok=True)
-            for f in list(epoch_dir.glob("adapter_model.*")) + [epoch_dir / "adapter_config.json"]:
-                if f.exists():
-                    os.replace(f, epoch_dir / "adapter" / f.name)
+
+        def write(root: Path) -> None:
+            with checkpointer_writing_to(self._checkpointer, root):  # writes <root>/epoch_<N>/
+                self._checkpointer.save_checkpoint(
+                    ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=self._cfg["save_adapter_weights_only"]
+                )
+            # torchtune writes the adapter next to the merged model. transformers' from_pretrained
+            # then sees adapter_config.json and loads the folder as a PEFT adapter instead of the
+            # merged model (failing when peft rejects the installed torchao), so the adapter files
+            # move to epoch_<N>/adapter/: the folder is a plain HF model, the adapter sits beside it.
+            epoch_dir = root / f"epoch_{epoch}"
+            if not self._cfg["save_adapter_weights_only"]:
+                (epoch_dir / "adapter").mkdir(exist_ok=True)
+                for f in list(epoch_dir.glob("adapter_model.*")) + [epoch_dir / "adapter_config.json"]:
+                    if f.exists():
+                        os.replace(f, epoch_dir / "adapter" / f.name)
+
+        final = write_export(self._output_dir, epoch, write, nbytes=state_bytes(ckpt), state=state_dir)
+        log.info(f"Epoch {epoch} exported to {final}")
+
+    def _data_identity(self) -> Dict[str, Any]:
+        """The data a resume must train on again (prefopt.resume.data_identity), by config key."""
+        loaders = {"dataset": self._dataloader, "eval_dataset": self._eval_dataloader}
+        return {k: None if dl is None else data_identity(dl.dataset) for k, dl in loaders.items()}
 
     def _load_resume_state(self) -> None:
-        def read(d: Path):  # a file that cannot be read: the next older state is tried
-            return (
-                load_checkpoint_file(d / "adapter.pt", weights_only=True),
-                load_checkpoint_file(d / "recipe_state.pt", weights_only=False),
-            )
+        def read(d: Path):  # a file that cannot be read, or would run code: the next older state is tried
+            return load_checkpoint_file(d / "adapter.pt"), load_checkpoint_file(d / "recipe_state.pt")
 
         # Compared besides the config's RESUME_KEYS: the resolved seed (a null seed is drawn at
-        # random) and max_steps_per_epoch as recipe_state.pt has them (states without a config.yaml).
+        # random: the saved one is taken instead), max_steps_per_epoch as recipe_state.pt has them
+        # (states without a config.yaml), and the data (rows appended to the file, a file replaced).
         ckpt_dir, (adapter, state) = read_newest_state(
             self._output_dir, self._run_cfg, read,
             values={"seed": self.seed, "max_steps_per_epoch": self.max_steps_per_epoch},
             saved_values=lambda loaded: loaded[1],
+            data=self._data_identity(), saved_data=lambda loaded: loaded[1].get("data"),
         )
         missing, unexpected = self._model.load_state_dict(adapter, strict=False)
         if unexpected or any(k in missing for k in adapter):
@@ -528,10 +546,18 @@ class SimPORecipeSingleDevice:
         self.epochs_run = state["epochs_run"]
         self._step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
+        if self._cfg["seed"] is None:  # the data order and RNG streams of the saved run, not a new draw
+            self.seed = training.set_seed(seed=state["seed"])
+            self._sampler.seed = self.seed
+            log.info(f"seed: null in the config: the saved run's seed {self.seed} is used ({ckpt_dir})")
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log.info(f"Resumed from {ckpt_dir}: epoch {self.epochs_run}, step {self.global_step}")
+        unexported = missing_export(self._output_dir, self.epochs_run, self._step_in_epoch)
+        if unexported is not None:  # the run stopped while writing it: the epoch is not done without it
+            log.warning(f"{self._output_dir}/epoch_{unexported}/ is missing: writing the export of epoch {unexported} now")
+            self._export(unexported, {k: p.detach().cpu().clone() for k, p in self._adapter_params.items()}, ckpt_dir)
 
     def cleanup(self) -> None:
         self._metric_logger.close()

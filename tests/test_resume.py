@@ -113,7 +113,7 @@ def test_newest_intact_state_skips_a_truncated_file(tmp_path):
         states.append(d)
     data = (states[2] / "adapter.pt").read_bytes()
     (states[2] / "adapter.pt").write_bytes(data[: len(data) // 2])  # a torn write / bad disk
-    load = lambda d: load_checkpoint_file(d / "adapter.pt", weights_only=True)  # noqa: E731
+    load = lambda d: load_checkpoint_file(d / "adapter.pt")  # noqa: E731
     chosen, sd, skipped = load_newest_intact(states, load)
     assert chosen == states[1] and sd["w"][0].item() == 2.0
     assert len(skipped) == 1 and skipped[0].startswith(f"{states[2]}/adapter.pt: cannot be read (RuntimeError: ")
@@ -139,8 +139,8 @@ def _save(out, step, cfg=CFG, **kw):
 
 
 def _read(d):
-    return (load_checkpoint_file(d / "weights.pt", weights_only=True),
-            load_checkpoint_file(d / "recipe_state.pt", weights_only=False))
+    return (load_checkpoint_file(d / "weights.pt"),
+            load_checkpoint_file(d / "recipe_state.pt"))
 
 
 def test_write_then_read_round_trip(tmp_path):
