@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 # transformers' defaults for the fields a config.json may leave out, per model_type
 # (PretrainedConfig's tie_word_embeddings default is True; these families' configs set False).
-_TIED_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "gemma": True, "gemma2": True}
+_TIED_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "gemma": True, "gemma2": True, "qwen3": False,
+                 "gemma3_text": True, "gemma3": True}
+_QK_NORM = ("qwen3", "gemma3_text", "gemma3")
 
 
 class CheckpointMismatchError(ValueError):
@@ -119,6 +121,7 @@ def model_fields(model: nn.Module) -> Dict[str, Any]:
         "rms_norm_eps": float(eps) if eps is not None else None,
         "tie_word_embeddings": isinstance(model.output, TiedLinear),
         "qkv_bias": _has_bias(attn.q_proj),
+        "qk_norm": getattr(attn, "q_norm", None) is not None,
         "attn_logit_softcapping": getattr(attn, "softcapping", None),
         "final_logit_softcapping": final_cap,
         "sliding_window": [_window(getattr(lyr.attn, "sliding_window_size", None), max_seq_len) for lyr in model.layers],
@@ -159,7 +162,7 @@ def hf_config_fields(cfg: Dict[str, Any], max_seq_len: Optional[int] = None) -> 
         scaling = None
     # the sliding window per layer, as transformers applies it
     window = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
     if model_type in ("llama", "gemma"):
         window = None
@@ -184,6 +187,8 @@ def hf_config_fields(cfg: Dict[str, Any], max_seq_len: Optional[int] = None) -> 
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", _TIED_DEFAULT.get(model_type, True))),
         # Qwen 2 always has q/k/v biases (no config field); the others say so in attention_bias
         "qkv_bias": True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
+        # a per-head RMSNorm of q and k (no config field: the architecture has it)
+        "qk_norm": model_type in _QK_NORM,
         "attn_logit_softcapping": cfg.get("attn_logit_softcapping"),
         "final_logit_softcapping": cfg.get("final_logit_softcapping"),
         "sliding_window": [_window(w, max_seq_len) for w in windows],
@@ -259,5 +264,5 @@ def check_model_matches_checkpoint(model: nn.Module, model_cfg: Any, checkpointe
         f"the configured model is not the checkpoint's model ({Path(checkpoint_dir) / 'config.json'}); "
         "it would train a different model on these weights:\n  " + "\n  ".join(lines)
         + "\nUse the model builder made for this checkpoint (model._component_, or its arguments): e.g. "
-        "prefopt.models.mistral.lora_mistral_7b_v02 for Mistral 7B v0.2, prefopt.models.gemma2.* for Gemma 2."
+        "prefopt.models.mistral.lora_mistral_7b_v02 for Mistral 7B v0.2, prefopt.models.gemma2.* for Gemma 2, prefopt.models.qwen3.* / gemma3.* for Qwen3 / Gemma 3."
     )
