@@ -23,7 +23,7 @@ Each module has one job:
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
 - :mod:`prefopt.models`: builders where torchtune's differ from the checkpoint (``mistral``: Mistral 7B
   v0.2's RoPE θ; ``gemma2``: transformers' Gemma 2) or has none (``qwen3``: Qwen3 and its
-  tokenizer; ``qk_norm``: the q/k-norm decoder Qwen3 and Gemma 3 share), ``checkpointer``: their
+  tokenizer; ``gemma3``: Gemma 3's text models; ``qk_norm``: the q/k-norm decoder both share), ``checkpointer``: their
   Hugging Face checkpoints loaded and saved, and ``match``: the configured model checked against
   the checkpoint's ``config.json`` at start-up, every mismatch in one error.
 - :mod:`prefopt.logs`: reading the metric files torchtune's ``DiskLogger`` writes.

@@ -171,3 +171,88 @@ def test_qwen3_tokenizer_renders_qwen3s_template(tmp_path, conversation, prompt,
     assert ids[:start] == hf_ids(prompt)
     assert ids[start:] == hf_ids(response.removesuffix("\n"))
     assert not any(mask[start:])
+
+
+# ------------------------------------------------------------------------------------- Gemma 3
+TINY_GEMMA3 = dict(vocab_size=128, num_layers=7, num_heads=4, num_kv_heads=2, head_dim=16, embed_dim=64,
+                   intermediate_dim=96, max_seq_len=64, sliding_window_size=5, query_pre_attn_scalar=20)
+
+
+def _gemma3_text_config(transformers, scaling):
+    full = {"rope_type": "default", "rope_theta": 1e6} if scaling is None else \
+        {"rope_type": "linear", "factor": scaling, "rope_theta": 1e6}
+    return transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=20,
+        rope_parameters={"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        attn_implementation="eager")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("scaling", [None, 8.0], ids=["1B-like", "linear-rope-8"])
+def test_gemma3_logits_equal_transformers(tmp_path, scaling):
+    """Layers 0-4 and 6 local (window 5, θ 1e4), layer 5 global (θ 1e6, linear scaling as in
+    4B+); 20 tokens, so every window cuts; scores scaled by query_pre_attn_scalar 20, not head_dim."""
+    transformers = pytest.importorskip("transformers")
+    from prefopt.models.gemma3 import gemma3, lora_gemma3
+    from prefopt.packing import packing_unsupported_reason
+
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(_gemma3_text_config(transformers, scaling)).eval()
+    _randomise_norms(hf, 0.0)
+    hf.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    model, _ = _load(gemma3(**TINY_GEMMA3, rope_scaling_factor=scaling), tmp_path / "ckpt", "GEMMA3", tmp_path / "out")
+    tokens = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        diff = (model(tokens) - ref).abs().max().item()
+        # the dense-mask path (what the packed layout would pass) gives the same logits
+        causal = torch.ones(20, 20, dtype=torch.bool).tril()[None].expand(2, 20, 20)
+        dense = model(tokens, mask=causal, input_pos=torch.arange(20)[None].expand(2, 20))
+    print(f"gemma3 scaling={scaling}: max |logit diff| {diff:.2e}")
+    assert diff < 1e-5, diff
+    torch.testing.assert_close(dense, ref, atol=1e-5, rtol=1e-5)
+    check_model_matches_checkpoint(model, {"_component_": "gemma3"}, {"checkpoint_dir": str(tmp_path / "ckpt")})
+    assert "6 of its attention layers have a sliding window" in packing_unsupported_reason(model)
+
+    lora = lora_gemma3(["q_proj", "v_proj", "output_proj"], True, **TINY_GEMMA3, rope_scaling_factor=scaling,
+                       lora_rank=4, lora_alpha=8)
+    lora.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(lora.eval()(tokens), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.peer
+def test_gemma3_multimodal_checkpoint_language_model_and_export(tmp_path):
+    """A 4B-style checkpoint (Gemma3ForConditionalGeneration: text_config, a vision tower): the
+    language model loads, its logits equal the text model's, and the export holds every weight
+    (vision included) under its own name, loadable by transformers."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from prefopt.models.gemma3 import gemma3
+
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=_gemma3_text_config(transformers, 8.0).to_dict(),
+                                    vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    _randomise_norms(hf, 0.0)
+    hf.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    model, ckpt = _load(gemma3(**TINY_GEMMA3, rope_scaling_factor=8.0), tmp_path / "ckpt", "GEMMA3", tmp_path / "out")
+    tokens = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        ref = hf(input_ids=tokens).logits
+        diff = (model(tokens) - ref).abs().max().item()
+        ckpt.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    assert diff < 1e-5, diff
+    saved = load_file(tmp_path / "out" / "epoch_0" / "model-00001-of-00001.safetensors")
+    original = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert set(saved) == set(original)
+    for k in original:
+        torch.testing.assert_close(saved[k], original[k], atol=0, rtol=0)
+    back = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "out" / "epoch_0").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=tokens).logits, ref, atol=1e-5, rtol=1e-5)
+    check_model_matches_checkpoint(model, {"_component_": "gemma3"}, {"checkpoint_dir": str(tmp_path / "ckpt")})

@@ -6,6 +6,7 @@ start-up check that the configured model matches its checkpoint (:mod:`prefopt.m
 - :mod:`prefopt.models.qk_norm`: the decoder Qwen3 and Gemma 3 share (per-head q/k RMSNorm before RoPE,
   ``head_dim`` of its own, per-layer RoPE and sliding windows), from torchtune's components.
 - :mod:`prefopt.models.qwen3`: Qwen3 0.6B-32B builders (full, LoRA, QLoRA 8B) and its tokenizer.
+- :mod:`prefopt.models.gemma3`: Gemma 3 text builders (1B; the language model of 4B/12B/27B), full and LoRA.
 - :mod:`prefopt.models.checkpointer`: Qwen3 / Gemma 3 Hugging Face checkpoints loaded and saved
   (torchtune's ``FullModelHFCheckpointer`` with our key conversion).
 - :mod:`prefopt.models.match`: the configured model vs the checkpoint's ``config.json``, every mismatch in one error.
