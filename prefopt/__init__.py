@@ -28,8 +28,10 @@ Each module has one job:
 - :mod:`prefopt.teardown`: what a recipe's ``cleanup`` releases (the run's Arrow data) so it ends normally.
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
 - :mod:`prefopt.models`: builders where torchtune's differ from the checkpoint (``mistral``: Mistral 7B
-  v0.2's RoPE θ; ``gemma2``: transformers' Gemma 2), and ``match``: the configured model checked
-  against the checkpoint's ``config.json`` at start-up, every mismatch in one error.
+  v0.2's RoPE θ; ``gemma2``: transformers' Gemma 2) or has none (``qwen3``: Qwen3 and its
+  tokenizer; ``gemma3``: Gemma 3's text models; ``qk_norm``: the q/k-norm decoder both share), ``checkpointer``: their
+  Hugging Face checkpoints loaded and saved, and ``match``: the configured model checked against
+  the checkpoint's ``config.json`` at start-up, every mismatch in one error.
 - :mod:`prefopt.logs`: reading the metric files torchtune's ``DiskLogger`` writes.
 - :mod:`prefopt.cli`: the ``prefopt`` command (``ls``, ``cp``, ``run``, ``plot``).
 - :mod:`prefopt.tune_compat`: makes ``tune run recipes/<name>.py`` find this repo's recipes.

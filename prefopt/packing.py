@@ -265,7 +265,8 @@ def _flex_block_mask(pair: torch.Tensor, kind: torch.Tensor, chunk: int = 8 * _F
 def packing_unsupported_reason(model: nn.Module) -> Optional[str]:
     """None if every attention layer of ``model`` takes an arbitrary mask and ``input_pos``
     (torchtune's ``MultiHeadAttention``: llama2/3, qwen2, mistral, ...); otherwise why not
-    (e.g. gemma2's attention applies its own sliding-window mask and soft-capping)."""
+    (e.g. gemma2's attention applies its own sliding-window mask and soft-capping; Gemma 3's
+    sliding-window layers)."""
     from torchtune.modules import MultiHeadAttention
 
     # attention modules are the ones named "...Attention" (torchtune's and its models' own)
@@ -277,4 +278,10 @@ def packing_unsupported_reason(model: nn.Module) -> Optional[str]:
         return f"its attention ({', '.join(others)}) does not take an arbitrary attention mask"
     if not any(isinstance(m, MultiHeadAttention) for m in model.modules()):
         return "it has no torchtune MultiHeadAttention layer"
+    # Gemma 3's local layers (prefopt.models.qk_norm.QKNormAttention) combine their window with a
+    # dense mask, but not with the FlexAttention block mask the packed layout uses on CUDA
+    windowed = sum(getattr(m, "sliding_window_size", None) is not None for m in model.modules()
+                   if isinstance(m, MultiHeadAttention))
+    if windowed:
+        return f"{windowed} of its attention layers have a sliding window, not combined with the packed layout's mask"
     return None

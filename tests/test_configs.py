@@ -77,6 +77,11 @@ FAMILIES: Dict[str, Family] = {
     "qwen2_5": Family("Llama3-Instruct values (our choice for Qwen2.5)", 2.5, 0.55, 1e-6, (UFB[0],)),
     "gemma2": Family("Gemma2-IT", 10.0, 0.5, 8e-7, (UFB[0], "princeton-nlp/gemma2-ultrafeedback-armorm")),
     "mistral": Family("Mistral-Instruct", 2.5, 0.1, 5e-7, (UFB[0], "princeton-nlp/mistral-instruct-ultrafeedback")),
+    # Qwen3 (non-thinking): no princeton setting; OUR CHOICE, as for Qwen2.5, the Llama3-Instruct values
+    "qwen3": Family("Llama3-Instruct values (our choice for Qwen3)", 2.5, 0.55, 1e-6, (UFB[0],)),
+    # Gemma 3: no princeton setting; OUR CHOICE, the Gemma2-IT values (the same turn format and lineage)
+    "gemma3": Family("Gemma2-IT values (our choice for Gemma 3)", 10.0, 0.5, 8e-7,
+                     (UFB[0], "princeton-nlp/gemma2-ultrafeedback-armorm")),
 }
 LORA_LR_RANGE = (1e-5, 5e-5)  # princeton has no LoRA numbers; see the configs' comments
 GLOBAL_BATCH = 128
@@ -90,6 +95,8 @@ MODEL_FAMILY = {
     "qwen2_5": ("QWEN2", "torchtune.models.qwen2_5.qwen2_5_tokenizer"),
     "gemma2": ("GEMMA2", "torchtune.models.gemma.gemma_tokenizer"),
     "mistral": ("MISTRAL", "torchtune.models.mistral.mistral_tokenizer"),
+    "qwen3": ("QWEN3", "prefopt.models.qwen3.qwen3_tokenizer"),
+    "gemma3": ("GEMMA3", "torchtune.models.gemma.gemma_tokenizer"),
 }
 
 
@@ -263,7 +270,11 @@ def test_components_build(path):
 
     model_type = cfg.checkpointer.get("model_type")
     if model_type is not None:
-        assert model_type in ModelType.__members__, f"checkpointer.model_type {model_type!r}"
+        from prefopt.models.checkpointer import KEY_MAPS
+
+        # prefopt's HFCheckpointer takes its own types (Qwen3, Gemma 3), torchtune's the enum's
+        ours = cfg.checkpointer._component_ == "prefopt.models.checkpointer.HFCheckpointer"
+        assert model_type in (KEY_MAPS if ours else ModelType.__members__), f"checkpointer.model_type {model_type!r}"
     m = re.match(r"(?:torchtune|prefopt)\.models\.([a-z0-9_]+)\.", cfg.model._component_)
     if m and m.group(1) in MODEL_FAMILY:
         want_type, want_tok = MODEL_FAMILY[m.group(1)]

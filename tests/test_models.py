@@ -26,6 +26,16 @@ _LLAMA32 = dict(model_type="llama", vocab_size=128256, intermediate_size=8192, n
                                   original_max_position_embeddings=8192))
 _QWEN25 = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, use_sliding_window=False,
                sliding_window=32768, max_position_embeddings=32768)
+_QWEN3 = dict(model_type="qwen3", vocab_size=151936, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+              rope_theta=1000000.0, rope_scaling=None, attention_bias=False, use_sliding_window=False,
+              sliding_window=None, max_position_embeddings=40960)
+
+
+def _gemma3_mm(**text) -> dict:
+    return dict(model_type="gemma3", text_config=dict(model_type="gemma3_text", rope_scaling=dict(
+        factor=8.0, rope_type="linear"), sliding_window=1024, **text), vision_config=dict(model_type="siglip_vision_model"))
+
+
 HUB_CONFIGS = {
     "llama3_1/8B": _LLAMA31_8B,
     "llama3_2/1B": dict(_LLAMA32, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, head_dim=64),
@@ -49,6 +59,34 @@ HUB_CONFIGS = {
                       rms_norm_eps=1e-6, rope_theta=10000.0, attn_logit_softcapping=50.0,
                       final_logit_softcapping=30.0, query_pre_attn_scalar=256, sliding_window=4096,
                       max_position_embeddings=8192),
+    # Qwen/Qwen3-{0.6B,...,32B}: config.json (transformers 4.51 format)
+    **{f"qwen3/{size}": dict(_QWEN3, **dims) for size, dims in {
+        "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                     tie_word_embeddings=True),
+        "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                     tie_word_embeddings=True),
+        "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                   tie_word_embeddings=True),
+        "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                   tie_word_embeddings=False),
+        "14B": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                    tie_word_embeddings=False),
+        "32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                    tie_word_embeddings=False),
+    }.items()},
+    # google/gemma-3-1b-it (text-only, gemma3_text)
+    "gemma3/1B": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                      num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                      rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling=None,
+                      sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256,
+                      final_logit_softcapping=None, attn_logit_softcapping=None, max_position_embeddings=32768),
+    # google/gemma-3-{4b,12b,27b}-it (gemma3: the language model's fields in text_config, most left
+    # to Gemma3TextConfig's defaults)
+    "gemma3/4B": _gemma3_mm(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34),
+    "gemma3/12B": _gemma3_mm(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                             num_key_value_heads=8),
+    "gemma3/27B": _gemma3_mm(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+                             num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
 }
 REAL_CONFIGS = sorted(p for p in (REPO / "configs").glob("*/*.yaml") if p.parent.name != "tiny")
 

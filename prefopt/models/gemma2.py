@@ -207,9 +207,13 @@ _SIZES = {
 }
 
 
-def _named(size: str):
+def named_builders(name: str, title: str, full_builder, lora_builder, dims: dict):
+    """``(full, lora)``: argument-free builders of one size (``dims``) of a tied-output family, named
+    ``name`` / ``lora_<name>``; ``lora`` takes torchtune's ``lora_gemma2_*`` arguments (Gemma 2
+    and Gemma 3 share it)."""
+
     def full() -> TransformerDecoder:
-        return gemma2(**_SIZES[size])
+        return full_builder(**dims)
 
     def lora(
         lora_attn_modules: List[LORA_ATTN_MODULES],
@@ -220,15 +224,20 @@ def _named(size: str):
         use_dora: bool = False,
         quantize_base: bool = False,
     ) -> TransformerDecoder:
-        return lora_gemma2(
-            lora_attn_modules, apply_lora_to_mlp, **_SIZES[size], lora_rank=lora_rank, lora_alpha=lora_alpha,
+        return lora_builder(
+            lora_attn_modules, apply_lora_to_mlp, **dims, lora_rank=lora_rank, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, use_dora=use_dora, quantize_base=quantize_base,
         )
 
-    full.__name__, lora.__name__ = f"gemma2_{size}", f"lora_gemma2_{size}"
-    full.__doc__ = f"Gemma 2 {size.upper()} (google/gemma-2-{size}'s config.json)."
-    lora.__doc__ = f"Gemma 2 {size.upper()} with LoRA: the arguments of torchtune's ``lora_gemma2_{size}``."
+    full.__name__, lora.__name__ = name, f"lora_{name}"
+    full.__doc__ = f"{title}."
+    lora.__doc__ = f"{title}, with LoRA: the arguments of torchtune's ``lora_gemma2_*``."
     return full, lora
+
+
+def _named(size: str):
+    return named_builders(f"gemma2_{size}", f"Gemma 2 {size.upper()} (google/gemma-2-{size}'s config.json)",
+                          gemma2, lora_gemma2, _SIZES[size])
 
 
 gemma2_2b, lora_gemma2_2b = _named("2b")

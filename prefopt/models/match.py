@@ -34,7 +34,14 @@ log = logging.getLogger(__name__)
 
 # transformers' defaults for the fields a config.json may leave out, per model_type
 # (PretrainedConfig's tie_word_embeddings default is True; these families' configs set False).
-_TIED_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "gemma": True, "gemma2": True}
+_TIED_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "gemma": True, "gemma2": True, "qwen3": False,
+                 "gemma3_text": True, "gemma3": True}
+_QK_NORM = ("qwen3", "gemma3_text", "gemma3")
+# transformers' Gemma3TextConfig defaults: the hub's 4B/12B/27B text_config leaves most fields out
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                             rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=256,
+                             sliding_window=4096, sliding_window_pattern=6, tie_word_embeddings=True)
 
 
 class CheckpointMismatchError(ValueError):
@@ -92,9 +99,13 @@ def model_fields(model: nn.Module) -> Dict[str, Any]:
         raise TypeError(f"{type(model).__name__} is not a torchtune TransformerDecoder")
     from torchtune.modules import TiedLinear
 
-    layer = model.layers[0]
+    # the global layers' RoPE (Gemma 3's local layers have one of their own: rope_local_base_freq)
+    layer = next((lyr for lyr in model.layers if getattr(lyr.attn, "sliding_window_size", None) is None),
+                 model.layers[0])
     attn = layer.attn
     rope = getattr(attn, "pos_embeddings", None)
+    local = next((lyr.attn.pos_embeddings for lyr in model.layers
+                  if getattr(lyr.attn, "sliding_window_size", None) is not None), None)
     norm = model.norm
     eps = getattr(norm, "eps", None)
     if eps is None and hasattr(norm, "rms_norm"):  # Gemma 2's final norm wraps its RMSNorm
@@ -104,6 +115,8 @@ def model_fields(model: nn.Module) -> Dict[str, Any]:
         scaling = {"rope_type": "llama3", "factor": float(rope.scale_factor),
                    "low_freq_factor": float(rope.low_freq_factor), "high_freq_factor": float(rope.high_freq_factor),
                    "original_max_position_embeddings": int(rope.old_context_len)}
+    if rope is not None and hasattr(rope, "linear_factor"):  # prefopt.models.gemma3.LinearScaledRoPE
+        scaling = {"rope_type": "linear", "factor": float(rope.linear_factor)}
     max_seq_len = getattr(model, "max_seq_len", None)
     final_cap = getattr(model.output, "logit_soft_cap", None)
     fields = {
@@ -119,10 +132,15 @@ def model_fields(model: nn.Module) -> Dict[str, Any]:
         "rms_norm_eps": float(eps) if eps is not None else None,
         "tie_word_embeddings": isinstance(model.output, TiedLinear),
         "qkv_bias": _has_bias(attn.q_proj),
+        "qk_norm": getattr(attn, "q_norm", None) is not None,
         "attn_logit_softcapping": getattr(attn, "softcapping", None),
         "final_logit_softcapping": final_cap,
         "sliding_window": [_window(getattr(lyr.attn, "sliding_window_size", None), max_seq_len) for lyr in model.layers],
     }
+    if local is not None and local is not rope:
+        fields["rope_local_base_freq"] = float(local.base)
+    if hasattr(attn, "q_scale"):  # prefopt.models.qk_norm.QKNormAttention: q pre-scaled for SDPA
+        fields["query_pre_attn_scalar"] = round(attn.head_dim / attn.q_scale ** 2, 3)
     if hasattr(attn, "scaling"):  # Gemma 2's attention: scores scaled by query_pre_attn_scalar ** -0.5
         fields["query_pre_attn_scalar"] = round(attn.scaling ** -2, 3)
     if getattr(norm, "capping_value", None) is not None:
@@ -134,6 +152,10 @@ def model_fields(model: nn.Module) -> Dict[str, Any]:
 def hf_config_fields(cfg: Dict[str, Any], max_seq_len: Optional[int] = None) -> Dict[str, Any]:
     """The same fields from a Hugging Face ``config.json`` dict, with transformers' defaults for
     what it leaves out; ``max_seq_len`` (the model's) decides which windows can matter."""
+    if cfg.get("model_type") == "gemma3":  # Gemma 3 4B+: the language model's config is text_config
+        cfg = {**_GEMMA3_TEXT_DEFAULTS, **(cfg.get("text_config") or {}), "model_type": "gemma3_text"}
+    elif cfg.get("model_type") == "gemma3_text":
+        cfg = {**_GEMMA3_TEXT_DEFAULTS, **cfg}
     model_type = cfg.get("model_type", "")
     heads = cfg.get("num_attention_heads")
     hidden = cfg.get("hidden_size")
@@ -142,9 +164,11 @@ def hf_config_fields(cfg: Dict[str, Any], max_seq_len: Optional[int] = None) -> 
     # transformers < 5 writes rope_theta and rope_scaling; 5 writes one rope_parameters dict
     # holding both (a dict per layer type for models with two RoPE bases: not read here)
     rope = cfg.get("rope_parameters") or {}
+    local_rope = rope.get("sliding_attention") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: one dict per layer type
     if not isinstance(rope.get("rope_theta", 0.0), (int, float)):
         rope = {}
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -153,13 +177,15 @@ def hf_config_fields(cfg: Dict[str, Any], max_seq_len: Optional[int] = None) -> 
                        "low_freq_factor": float(scaling.get("low_freq_factor")),
                        "high_freq_factor": float(scaling.get("high_freq_factor")),
                        "original_max_position_embeddings": int(scaling.get("original_max_position_embeddings"))}
+        elif kind == "linear":
+            scaling = {"rope_type": "linear", "factor": float(scaling.get("factor"))}
         elif kind == "default":
             scaling = None
     else:
         scaling = None
     # the sliding window per layer, as transformers applies it
     window = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
     if model_type in ("llama", "gemma"):
         window = None
@@ -168,6 +194,9 @@ def hf_config_fields(cfg: Dict[str, Any], max_seq_len: Optional[int] = None) -> 
         windows = [window if t == "sliding_attention" else None for t in layer_types]
     elif model_type == "gemma2":
         windows = [window if i % 2 == 0 else None for i in range(n_layers)]
+    elif model_type == "gemma3_text":  # transformers' default layer_types
+        pattern = cfg.get("sliding_window_pattern", 6)
+        windows = [window if (i + 1) % pattern else None for i in range(n_layers)]
     else:
         windows = [window] * n_layers
     fields = {
@@ -184,12 +213,16 @@ def hf_config_fields(cfg: Dict[str, Any], max_seq_len: Optional[int] = None) -> 
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", _TIED_DEFAULT.get(model_type, True))),
         # Qwen 2 always has q/k/v biases (no config field); the others say so in attention_bias
         "qkv_bias": True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
+        # a per-head RMSNorm of q and k (no config field: the architecture has it)
+        "qk_norm": model_type in _QK_NORM,
         "attn_logit_softcapping": cfg.get("attn_logit_softcapping"),
         "final_logit_softcapping": cfg.get("final_logit_softcapping"),
         "sliding_window": [_window(w, max_seq_len) for w in windows],
     }
-    if model_type == "gemma2":
+    if model_type in ("gemma2", "gemma3_text"):
         fields["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar", 256)
+    if model_type == "gemma3_text":
+        fields["rope_local_base_freq"] = float(local_rope.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0)))
     return fields
 
 
@@ -259,5 +292,5 @@ def check_model_matches_checkpoint(model: nn.Module, model_cfg: Any, checkpointe
         f"the configured model is not the checkpoint's model ({Path(checkpoint_dir) / 'config.json'}); "
         "it would train a different model on these weights:\n  " + "\n  ".join(lines)
         + "\nUse the model builder made for this checkpoint (model._component_, or its arguments): e.g. "
-        "prefopt.models.mistral.lora_mistral_7b_v02 for Mistral 7B v0.2, prefopt.models.gemma2.* for Gemma 2."
+        "prefopt.models.mistral.lora_mistral_7b_v02 for Mistral 7B v0.2, prefopt.models.gemma2.* for Gemma 2, prefopt.models.qwen3.* / gemma3.* for Qwen3 / Gemma 3."
     )
