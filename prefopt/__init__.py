@@ -20,6 +20,10 @@ Each module has one job:
   compared.
 - :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.
 - :mod:`prefopt.teardown`: what a recipe's ``cleanup`` releases (the run's Arrow data) so it ends normally.
+- :mod:`prefopt.generation`: batched, seeded sampling from a torchtune decoder (KV caches,
+  left-padded prompts, stop tokens, temperature/top-k/top-p).
+- :mod:`prefopt.reward`: scoring (prompt, response) pairs: a one-output reward model or any
+  Python callable, behind one ``score``.
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
 - :mod:`prefopt.logs`: reading the metric files torchtune's ``DiskLogger`` writes.
 - :mod:`prefopt.cli`: the ``prefopt`` command (``ls``, ``cp``, ``run``, ``plot``).
