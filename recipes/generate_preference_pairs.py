@@ -69,7 +69,8 @@ CONFIG_SPEC = {
     "metric_logger": Key(component=True, default=None),
     "overwrite_output_dir": Key(bool, default=False, doc="delete another config's progress in output_dir and start clean"),
 }
-BOUND_ARGS = {"checkpointer": ("should_load_recipe_state", "resume_from_checkpoint")}
+# (reward: a reward model's device/dtype, or a scoring callable's (prompt, response) parameters)
+BOUND_ARGS = {"checkpointer": ("should_load_recipe_state", "resume_from_checkpoint"), "reward": reward_bound_args}
 # Keys that do not change what is written: a restart may change them.
 FREE_KEYS = ("output_dir", "metric_logger", "overwrite_output_dir")
 SHARDS = "shards"  # <output_dir>/shards/rank_<r>.jsonl: every prompt's record, appended per batch
@@ -129,8 +130,7 @@ class GeneratePairsRecipe:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        bound = {**BOUND_ARGS, "reward": reward_bound_args(cfg.get("reward"))}
-        v = validate_config(cfg, CONFIG_SPEC, bound_args=bound, extra_checks=_cross_checks)
+        v = validate_config(cfg, CONFIG_SPEC, bound_args=BOUND_ARGS, extra_checks=_cross_checks)
         self._cfg = v
         self._run_cfg = cfg
         self._world, self._rank = utils.get_world_size_and_rank()
