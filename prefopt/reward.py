@@ -200,7 +200,10 @@ def reward_head_problem(checkpoint_dir: Any) -> Optional[str]:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return f"{path} cannot be read ({e})"
-    n = cfg.get("num_labels", len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) else 1)
+    archs = cfg.get("architectures") or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    # transformers writes id2label only when it is not its default of 2 labels
+    n = cfg.get("num_labels") or (len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) else (2 if classifier else 1))
     if n != 1:
         return f"{path} declares a head of {n} outputs (num_labels/id2label); a reward model has exactly 1"
     archs = cfg.get("architectures") or []
