@@ -129,7 +129,7 @@ def test_pairs_train_with_the_lora_recipe(tmp_path):
     tune_run(
         "recipes/simpo_lora_single_device.py", "configs/tiny/simpo_lora.yaml", f"output_dir={train}",
         f"dataset.data_files={out / 'pairs.jsonl'}", "dataset.format=princeton", "eval_dataset=null",
-        "max_steps_per_epoch=2", "batch_size=4", "save_every_n_steps=null",
+        "eval_every_n_steps=null", "max_steps_per_epoch=2", "batch_size=4", "save_every_n_steps=null",
     )
     assert sorted(read_log(train))[-1] == 2
 
