@@ -68,7 +68,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
         from prefopt.generation import generate_batch
 
         ckpt = FullModelHFCheckpointer(checkpoint_dir=str(model_dir), checkpoint_files=["model.safetensors"],
-                                       model_type="LLAMA2", output_dir=str(model_dir / "unused"))
+                                       model_type="LLAMA2", output_dir=str(model_dir.parent / "unused"))
         model = llama2(**shape)
         model.load_state_dict(ckpt.load_checkpoint()["model"])
         model.eval()
@@ -111,7 +111,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
             "tokenizer": {"_component_": "torchtune.models.llama2.llama2_tokenizer",
                           "path": str(REPO / "prefopt/assets/tiny/tokenizer.model"), "max_seq_len": None},
             "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer", "checkpoint_dir": str(rm_dir),
-                             "checkpoint_files": ["model.safetensors"], "model_type": "REWARD", "output_dir": str(rm_dir / "unused")},
+                             "checkpoint_files": ["model.safetensors"], "model_type": "REWARD", "output_dir": str(rm_dir.parent / "unused")},
             "batch_size": args.rm_batch,
         })
         rm = build_reward(block)
