@@ -26,6 +26,10 @@ Each module has one job:
   finishes a lost one.
 - :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.
 - :mod:`prefopt.teardown`: what a recipe's ``cleanup`` releases (the run's Arrow data) so it ends normally.
+- :mod:`prefopt.generation`: batched, seeded sampling from a torchtune decoder (KV caches,
+  left-padded prompts, stop tokens, temperature/top-k/top-p).
+- :mod:`prefopt.reward`: scoring (prompt, response) pairs: a one-output reward model or any
+  Python callable, behind one ``score``.
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
 - :mod:`prefopt.models`: builders where torchtune's differ from the checkpoint (``mistral``: Mistral 7B
   v0.2's RoPE θ; ``gemma2``: transformers' Gemma 2) or has none (``qwen3``: Qwen3 and its

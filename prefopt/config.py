@@ -225,6 +225,7 @@ def validate_config(
         spec (Mapping[str, Key]): every key the recipe reads.
         bound_args (Optional[Mapping[str, Tuple[str, ...]]]): for component keys, the arguments
             the recipe passes itself (e.g. ``{"optimizer": ("params",)}``); they must not be given.
+            A value may be a function ``block -> names`` where they depend on the component.
         extra_checks: ``values -> [problems]`` for cross-key rules (after the per-key checks).
         component_checks: ``values -> [problems]`` found by building components or looking at
             files (e.g. :func:`prefopt.startup.component_problems`); run even when other keys
@@ -266,7 +267,10 @@ def validate_config(
             blocks = list(value) if isinstance(value, (list, ListConfig)) else [value]
             for i, b in enumerate(blocks):
                 where = f"{name}[{i}]" if len(blocks) > 1 else name
-                found = _check_component(where, b, bound_args.get(name, ()))
+                bound = bound_args.get(name, ())
+                if callable(bound):  # decided by the block (e.g. a reward callable's own parameters)
+                    bound = tuple(bound(b))
+                found = _check_component(where, b, bound)
                 problems += found
                 if found:
                     bad.add(name)

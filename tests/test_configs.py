@@ -11,8 +11,10 @@ For each config (found by globbing configs/ recursively, so configs added later 
   for its model family (FAMILIES below), a global batch of 128 pairs, a 10% warmup, and a header
   whose `tune download` / `tune run` lines match its paths.
 
-The recipe is picked by file name: ``*simpo_full*`` -> recipes/simpo_full_distributed.py, anything
-else -> recipes/simpo_lora_single_device.py; a recipe file that does not exist fails its configs.
+The recipe is picked by file name: ``*simpo_full*`` -> recipes/simpo_full_distributed.py,
+``*generate_pairs*`` -> recipes/generate_preference_pairs.py (whose real configs carry princeton's
+sampling settings instead of SimPO's hyper-parameters), anything else ->
+recipes/simpo_lora_single_device.py; a recipe file that does not exist fails its configs.
 """
 
 import functools
@@ -36,6 +38,7 @@ CONFIGS = sorted(
 )
 LORA_RECIPE = "recipes/simpo_lora_single_device.py"
 FULL_RECIPE = "recipes/simpo_full_distributed.py"
+GEN_RECIPE = "recipes/generate_preference_pairs.py"
 
 # The real-model configs of the LoRA recipe this file was written with; more may be added.
 EXPECTED = [
@@ -103,6 +106,8 @@ MODEL_FAMILY = {
 # ---------------------------------------------------------------------------------------------
 def recipe_for(path: str) -> str:
     # `*_simpo_full*` (e.g. 8B_simpo_full.yaml), and a bare `simpo_full*.yaml` under configs/tiny/
+    if "generate_pairs" in Path(path).name:
+        return GEN_RECIPE
     return FULL_RECIPE if "simpo_full" in Path(path).name else LORA_RECIPE
 
 
@@ -221,14 +226,17 @@ def test_components_build(path):
         quantized = "qlora_" in cfg.model._component_ or cfg.model.get("quantize_base", False)
         assert quantized == ("qlora" in Path(path).name), "QLoRA configs (and only those) quantize the base"
 
-    loss = tt_config.instantiate(cfg.loss)
-    assert isinstance(loss, torch.nn.Module)
+    if recipe_for(path) == GEN_RECIPE:
+        _generation_blocks_build(cfg)
+    else:
+        loss = tt_config.instantiate(cfg.loss)
+        assert isinstance(loss, torch.nn.Module)
 
-    params = [torch.nn.Parameter(torch.zeros(4))]
-    optimizer = tt_config.instantiate(cfg.optimizer, params)
-    if cfg.get("lr_scheduler") is not None:
-        sched = tt_config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=100, last_epoch=-1)
-        assert sched.get_last_lr()[0] <= cfg.optimizer.lr
+        params = [torch.nn.Parameter(torch.zeros(4))]
+        optimizer = tt_config.instantiate(cfg.optimizer, params)
+        if cfg.get("lr_scheduler") is not None:
+            sched = tt_config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=100, last_epoch=-1)
+            assert sched.get_last_lr()[0] <= cfg.optimizer.lr
 
     # the tokenizer's files are not downloaded; its prompt template (dotpath or role->tags) must build
     template = cfg.tokenizer.get("prompt_template")
@@ -283,10 +291,43 @@ def test_components_build(path):
         assert cfg.tokenizer._component_ == want_tok, f"{cfg.model._component_} needs {want_tok}"
 
 
+def _generation_blocks_build(cfg: DictConfig) -> None:
+    """The generation recipe's own blocks: the prompts reader's arguments bind, and a reward
+    model's decoder builds on the meta device with a one-output head."""
+    from torchtune import config as tt_config
+
+    from prefopt.data import PROMPT_FORMATS, read_prompts
+
+    inspect.signature(read_prompts).bind(**args_of(cfg.prompts))
+    assert cfg.prompts.get("format", "prompts") in PROMPT_FORMATS
+    if cfg.reward._component_ == "prefopt.reward.reward_model":
+        with torch.device("meta"):
+            rm = tt_config.instantiate(cfg.reward.model)
+        assert rm.output.out_features == 1, "a reward model has one output"
+        assert cfg.reward.checkpointer.model_type == "REWARD"
+
+
+@config_param
+def test_princeton_sampling_settings(path):
+    if recipe_for(path) != GEN_RECIPE or not is_real(path):
+        pytest.skip("not a real generation config")
+    cfg = load(path)
+    # princeton-nlp/SimPO on_policy_data_gen/decode.py: temperature 0.8, top_p 0.95, max_tokens
+    # 4096, one run per seed in 13/21/42/79/100
+    assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens) == (0.8, 0.95, 4096)
+    assert (cfg.num_samples, list(cfg.sample_seeds)) == (5, [13, 21, 42, 79, 100])
+    assert cfg.reward._component_ == "prefopt.reward.reward_model"
+    downloads = [option(c, "--output-dir").rstrip("/") for c in header_commands(path) if c[1:2] == ["download"]]
+    assert str(cfg.reward.checkpointer.checkpoint_dir).rstrip("/") in downloads, "the reward model needs its `tune download` line"
+    assert any(str(cfg.reward.tokenizer.path).startswith(d + "/") for d in downloads), "reward.tokenizer.path is not downloaded"
+
+
 @config_param
 def test_paper_hyperparameters(path):
     if not is_real(path):
         pytest.skip("tiny/test config: not a paper setting")
+    if recipe_for(path) == GEN_RECIPE:
+        pytest.skip("a generation config: test_princeton_sampling_settings")
     recipe_module(path)
     cfg = load(path)
     fam_key = family_of(path)

@@ -9,7 +9,9 @@ One public entry, :func:`preference_dataset`; a row's way in, one module a step:
 - :mod:`prefopt.data.encoding`: a row -> a checked, tokenized, truncated pair (the map function);
 - :mod:`prefopt.data.cache`: the tokenized cache (key, build, read; one builder per node);
 - :mod:`prefopt.data.dataset`: the path through them, ``on_bad_example`` decided (in one place),
-  the start-up summary, the items.
+  the start-up summary, the items;
+- :mod:`prefopt.data.prompts`: the prompts of a preference or prompts file, deduplicated and
+  sorted as princeton's on-policy generation reads them (for generation, not training).
 
 The collates that turn items into batches are in :mod:`prefopt.collate`.
 
@@ -42,6 +44,7 @@ Formats (``column_map`` renames the columns when a file's names differ):
 from prefopt.data.cache import default_cache_dir
 from prefopt.data.dataset import ON_BAD_EXAMPLE, PreferenceDataset, preference_dataset
 from prefopt.data.encoding import FORMATS, PROMPT_TRUNCATION, truncate_pair
+from prefopt.data.prompts import PROMPT_FORMATS, PromptSet, read_prompts
 from prefopt.data.sources import BadExample, data_files_problems, find_undecodable_text
 
 __all__ = [
@@ -55,4 +58,7 @@ __all__ = [
     "find_undecodable_text",
     "data_files_problems",
     "default_cache_dir",
+    "read_prompts",
+    "PromptSet",
+    "PROMPT_FORMATS",
 ]

@@ -1,0 +1,205 @@
+"""Sampling and reward scoring speed: prefopt.generation against Hugging Face ``generate``, and
+prefopt.reward's batched scoring against princeton's one-at-a-time scoring (a benchmark, not a test).
+
+    python benchmarks/generation_benchmark.py [--shape decoder] [--prompts 4] [--k 4] [--batch 2]
+        [--max-new-tokens 32] [--rm-sequences 32] [--threads 2]
+
+Same random Llama (benchmarks/_make_model.py's shapes; ``decoder`` is the 134M decoder-heavy one),
+same prompts (random token ids of mixed lengths, left-padded), same k, max_new_tokens and batch
+on both sides; sampling at princeton's settings (temperature 0.8, top_p 0.95) and no stop token,
+so every row produces exactly max_new_tokens tokens on both sides. Scoring: a one-output
+``LlamaForSequenceClassification`` of the same shape, our ``RewardModel`` (batches of
+``--rm-batch`` sequences, sorted by length) against ``model(input_ids)`` one sequence at a time
+(princeton's ``reward_model_annotate.py``). Each measurement runs in its own process, so its peak
+RSS is its own; the first batch of each is a warm-up and is not timed.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("ours_generate", "hf_generate", "ours_score_batched", "hf_score_one_at_a_time")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompts(args):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (args.prompts,), generator=g).tolist()
+    return [[1] + torch.randint(3, 32000, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+def _sequences(args):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(args.rm_min, args.rm_max + 1, (args.rm_sequences,), generator=g).tolist()
+    return [[1] + torch.randint(3, 32000, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+def _batches(args, prompts):
+    for start in range(0, len(prompts), args.batch):
+        yield [p for p in prompts[start:start + args.batch] for _ in range(args.k)]
+
+
+def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from benchmarks._make_model import SHAPES
+
+    shape = SHAPES[args.shape]
+    prompts = _prompts(args)
+    new = args.max_new_tokens
+    if part == "ours_generate":
+        from torchtune.models.llama2 import llama2
+        from torchtune.training import FullModelHFCheckpointer
+
+        from prefopt.generation import generate_batch
+
+        ckpt = FullModelHFCheckpointer(checkpoint_dir=str(model_dir), checkpoint_files=["model.safetensors"],
+                                       model_type="LLAMA2", output_dir=str(model_dir.parent / "unused"))
+        model = llama2(**shape)
+        model.load_state_dict(ckpt.load_checkpoint()["model"])
+        model.eval()
+
+        def gen(rows):
+            out = generate_batch(model, rows, seeds=list(range(len(rows))), max_new_tokens=new, temperature=0.8, top_p=0.95)
+            assert all(len(o.tokens) == new for o in out)
+    elif part == "hf_generate":
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+        def gen(rows):
+            longest = max(map(len, rows))
+            ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=0.95, top_k=0,
+                                     max_new_tokens=new, min_new_tokens=new, pad_token_id=0, use_cache=True)
+            assert out.shape[1] == longest + new
+    if part in ("ours_generate", "hf_generate"):
+        batches = list(_batches(args, prompts))
+        gen(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for rows in batches:
+            gen(rows)
+        sec = time.perf_counter() - t0
+        tokens = sum(len(rows) for rows in batches) * new
+        return {"part": part, "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec, "peak_rss_mib": _peak_mib()}
+
+    seqs = _sequences(args)
+    if part == "ours_score_batched":
+        from omegaconf import OmegaConf
+
+        from prefopt.reward import build_reward
+
+        block = OmegaConf.create({
+            "_component_": "prefopt.reward.reward_model",
+            "model": {"_component_": "torchtune.models.llama2.llama2_classifier", "num_classes": 1, **shape},
+            "tokenizer": {"_component_": "torchtune.models.llama2.llama2_tokenizer",
+                          "path": str(REPO / "prefopt/assets/tiny/tokenizer.model"), "max_seq_len": None},
+            "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer", "checkpoint_dir": str(rm_dir),
+                             "checkpoint_files": ["model.safetensors"], "model_type": "REWARD", "output_dir": str(rm_dir.parent / "unused")},
+            "batch_size": args.rm_batch,
+        })
+        rm = build_reward(block)
+        rm.score_ids(seqs[: args.rm_batch])  # warm-up
+        t0 = time.perf_counter()
+        scores = rm.score_ids(seqs)
+    else:
+        from transformers import LlamaForSequenceClassification
+
+        model = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            model(torch.tensor([seqs[0]]))  # warm-up
+            t0 = time.perf_counter()
+            scores = [model(torch.tensor([s])).logits[0, 0].item() for s in seqs]
+    sec = time.perf_counter() - t0
+    tokens = sum(map(len, seqs))
+    return {"part": part, "sequences": len(seqs), "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec,
+            "peak_rss_mib": _peak_mib(), "scores_head": [round(x, 5) for x in scores[:3]]}
+
+
+def make_reward_model(rm_dir: Path, shape_name: str) -> None:
+    """A one-output LlamaForSequenceClassification of the shape, seeded (in this process: the
+    launcher's peak memory is not measured)."""
+    if (rm_dir / "model.safetensors").exists():
+        return
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from benchmarks._make_model import SHAPES
+
+    s = SHAPES[shape_name]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["embed_dim"], intermediate_size=s["intermediate_dim"],
+                      num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+                      max_position_embeddings=s["max_seq_len"], rms_norm_eps=s["norm_eps"], rope_theta=10000.0,
+                      tie_word_embeddings=False, num_labels=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForSequenceClassification(cfg).save_pretrained(rm_dir, safe_serialization=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="decoder")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2, help="prompts per batch (k rows each)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt-min", type=int, default=16)
+    p.add_argument("--prompt-max", type=int, default=96)
+    p.add_argument("--rm-sequences", type=int, default=32)
+    p.add_argument("--rm-batch", type=int, default=8)
+    p.add_argument("--rm-min", type=int, default=64)
+    p.add_argument("--rm-max", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", default=str(REPO / "benchmarks" / "results" / "_work"))
+    p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    wd = Path(args.workdir)
+    model_dir, rm_dir = wd / f"model_{args.shape}", wd / f"reward_{args.shape}"
+    if args.part:
+        print(json.dumps(run_part(args.part, args, model_dir, rm_dir)))
+        return
+    from benchmarks._make_model import make_model
+
+    wd.mkdir(parents=True, exist_ok=True)
+    model_dir = make_model(wd, args.shape, 0)
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.generation_benchmark "
+                    f"import make_reward_model; from pathlib import Path; make_reward_model(Path({str(rm_dir)!r}), {args.shape!r})"],
+                   check=True, cwd=REPO)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    results = {}
+    for part in PARTS:
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part], check=True, cwd=REPO, env=env,
+                             capture_output=True, text=True).stdout
+        results[part] = json.loads(out.strip().splitlines()[-1])
+        print(json.dumps(results[part]))
+    g, hg = results["ours_generate"], results["hf_generate"]
+    s, hs = results["ours_score_batched"], results["hf_score_one_at_a_time"]
+    print(f"\n{args.shape} shape, {args.threads} threads; {args.prompts} prompts x k={args.k}, {args.batch} prompts "
+          f"({args.batch * args.k} rows) per batch, {args.max_new_tokens} new tokens, prompts {args.prompt_min}-{args.prompt_max} tokens")
+    print("| measurement | tokens/s | peak RSS (MiB) |\n| --- | --- | --- |")
+    for name, r in (("prefopt.generation.generate_batch", g), ("transformers generate (KV cache)", hg),
+                    (f"prefopt.reward, batches of {args.rm_batch}", s), ("transformers, one sequence at a time", hs)):
+        print(f"| {name} | {r['tokens_per_second']:.1f} | {r['peak_rss_mib']:.0f} |")
+    print(f"\ngeneration: {g['tokens_per_second'] / hg['tokens_per_second']:.2f}x transformers; "
+          f"scoring: {s['tokens_per_second'] / hs['tokens_per_second']:.2f}x one at a time "
+          f"({args.rm_sequences} sequences of {args.rm_min}-{args.rm_max} tokens)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()

@@ -1,0 +1,306 @@
+"""Batched sampling from a torchtune decoder: left-padded prompts, KV caches, stop tokens,
+temperature / top-k / top-p, every row seeded on its own.
+
+Built on ``torchtune.generation``'s pieces (the causal mask of a left-padded batch, the
+right-shifted position ids, the stop-token tracker, the exponential-noise sampling trick) and
+``torchtune.modules.local_kv_cache``; written as one loop here rather than a call to
+``torchtune.generation.generate`` because that function
+
+- keeps the logits of every generated position (``[rows, new tokens, vocab]`` in float32: 128k
+  vocab x 4096 tokens x 25 rows is 50 GB), where sampling needs only the last position's;
+- finds padding by comparing tokens with ``pad_id`` (a prompt that holds that id is mis-masked);
+- draws one noise tensor for the whole batch from one generator, so a prompt's samples depend on
+  which prompts share its batch; here each row has its own generator (:func:`row_seed`), so the
+  same prompt, seed and settings give the same tokens in any batch position;
+- has no top-p (nucleus) sampling, which princeton's on-policy data uses (top_p 0.95).
+
+Used by ``recipes/generate_preference_pairs.py`` and by the judge of trained generations.
+"""
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torchtune.data import Message
+from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
+from torchtune.modules import local_kv_cache
+
+__all__ = [
+    "Generation",
+    "filter_logits",
+    "sample_tokens",
+    "row_seed",
+    "prompt_ids",
+    "stop_token_ids",
+    "generate_batch",
+    "output_at_one_position",
+]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled response: its token ids (without the stop token) and whether a stop token
+    ended it (False: it ran to ``max_new_tokens``)."""
+
+    tokens: List[int]
+    stopped: bool
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens the model produced for it, the stop token included."""
+        return len(self.tokens) + int(self.stopped)
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling (pure)
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """``logits`` with every token outside the top-k and outside the nucleus set to ``-inf``.
+
+    top-k keeps the ``top_k`` largest logits (ties with the k-th kept too, as torchtune's
+    ``sample`` does); top-p then keeps the smallest set of most probable tokens whose probability
+    sums to at least ``top_p`` (the most probable token always stays), computed on what top-k
+    left, as Hugging Face's and vLLM's samplers do. Pure: the input is not changed.
+
+    Args:
+        logits (torch.Tensor): ``[..., vocab]``, already divided by the temperature.
+        top_k (Optional[int]): keep this many tokens; None or 0: no top-k.
+        top_p (Optional[float]): in (0, 1]; None or 1.0: no top-p.
+
+    Returns:
+        torch.Tensor: same shape and dtype.
+
+    Raises:
+        ValueError: ``top_k < 0`` or ``top_p`` outside (0, 1].
+    """
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k:
+        pivot = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < pivot, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        # probability of the tokens ranked above each one: a token is kept while that is < top_p,
+        # so the set stops at the first token that brings the sum to top_p (and the first stays)
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The next token of each row: greedy (``temperature == 0``) or sampled.
+
+    Sampling is torchtune's: ``argmax(probs / noise)`` with ``noise ~ Exponential(1)``, which
+    draws from ``probs`` (the Gumbel-max trick in exponential form) and lets every row take its
+    noise from its own generator.
+
+    Args:
+        logits (torch.Tensor): ``[rows, vocab]``.
+        temperature (float): >= 0; 0 means greedy (top-k/top-p then change nothing).
+        top_k, top_p: as in :func:`filter_logits`.
+        noise (Optional[torch.Tensor]): ``[rows, vocab]`` Exponential(1) draws; required when
+            ``temperature > 0``.
+
+    Returns:
+        torch.Tensor: ``[rows]`` int64 token ids.
+
+    Raises:
+        ValueError: a negative temperature, or sampling without ``noise``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if noise is None:
+        raise ValueError("sampling (temperature > 0) needs the noise tensor")
+    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return (probs / noise).argmax(dim=-1)
+
+
+def row_seed(seed: int, key: str) -> int:
+    """The seed of one row's generator: a hash of the run's ``seed`` and ``key`` (e.g. the
+    prompt's text), so that a prompt's samples depend on the prompt and the seed only, not on
+    its batch, its position or the number of ranks. A 63-bit int (``torch.Generator.manual_seed``)."""
+    digest = hashlib.sha256(json.dumps([int(seed), key]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer side
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict]) -> List[int]:
+    """Token ids of a prompt (a list of ``{"role", "content"}`` messages) as the policy's chat
+    template lays it out for generation: the turns, then the assistant's opening (its header),
+    no end tokens (what torchtune's generate recipe does: an empty assistant message and
+    ``add_end_tokens=False``)."""
+    msgs = [Message(role=m["role"], content=m["content"], masked=True) for m in messages]
+    msgs.append(Message(role="assistant", content="", masked=False))
+    ids, _ = tokenizer.tokenize_messages(msgs, add_end_tokens=False)
+    return list(ids)
+
+
+def stop_token_ids(tokenizer, extra: Sequence = ()) -> List[int]:
+    """The ids that end a response: the tokenizer's ``stop_tokens`` (EOS and, for Llama 3, the
+    end-of-turn and end-of-message ids) plus ``extra`` (ids, or strings that encode to exactly
+    one id, e.g. Gemma's ``"<end_of_turn>"``).
+
+    Raises:
+        ValueError: an ``extra`` string that is not one token.
+    """
+    ids = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
+    for s in extra:
+        if isinstance(s, int):
+            ids.append(s)
+            continue
+        enc = tokenizer.encode(s, add_bos=False, add_eos=False)
+        if len(enc) != 1:
+            raise ValueError(f"{s!r} is not one token of this tokenizer (it encodes to {enc})")
+        ids.append(enc[0])
+    return sorted(set(ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+@contextmanager
+def output_at_one_position(model: nn.Module, index: Optional[torch.Tensor] = None) -> Iterator[None]:
+    """The model's output layer applied at one position per row only (the last, or ``index``
+    ``[b]``), through its own ``unembed`` (so a final norm, soft-capping or a classifier head
+    apply as they are): the forward returns ``[b, 1, out]``, not ``[b, s, out]``."""
+    orig = model.unembed
+
+    def unembed(h: torch.Tensor) -> torch.Tensor:
+        if index is None:
+            return orig(h[:, -1:])
+        return orig(h[torch.arange(h.size(0), device=h.device), index.to(h.device)].unsqueeze(1))
+
+    model.unembed = unembed  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del model.unembed
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    seeds: Sequence[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    device: torch.device = torch.device("cpu"),
+    cache_dtype: Optional[torch.dtype] = None,
+) -> List[Generation]:
+    """Sample one response per row: ``prompts[i]`` continued with a generator seeded by ``seeds[i]``.
+
+    Rows are left-padded to the longest prompt; the model gets torchtune's causal mask of the
+    padded batch and right-shifted positions, so a padded row computes what it would alone. KV
+    caches of ``longest prompt + max_new_tokens`` are set up for the batch and deleted after.
+    The loop ends when every row has produced a stop token or ``max_new_tokens`` tokens.
+
+    Args:
+        model: a torchtune ``TransformerDecoder`` without caches set up (``num_output_chunks == 0``).
+        prompts: token ids of each row's prompt (each non-empty), e.g. from :func:`prompt_ids`.
+        seeds: one generator seed per row (see :func:`row_seed`); unused when greedy.
+        max_new_tokens (int): >= 1.
+        temperature, top_k, top_p: see :func:`sample_tokens` (``temperature == 0``: greedy).
+        stop_tokens: ids that end a row (not included in its tokens).
+        pad_id (int): the id fed at padded positions (masked out: its value does not matter).
+        device: where the model is.
+        cache_dtype: dtype of the KV caches (default: the model's).
+
+    Returns:
+        List[Generation]: one per row, in order.
+
+    Raises:
+        ValueError: an empty prompt, ``len(seeds) != len(prompts)``, ``max_new_tokens < 1``, or
+            a prompt + ``max_new_tokens`` longer than ``model.max_seq_len``.
+    """
+    rows = len(prompts)
+    if rows == 0:
+        return []
+    if len(seeds) != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows} prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("an empty prompt (no token ids)")
+    longest = max(lengths)
+    total = longest + max_new_tokens
+    if total > model.max_seq_len:
+        raise ValueError(
+            f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {total} exceeds the model's max_seq_len={model.max_seq_len}"
+        )
+    cache_dtype = cache_dtype or next(model.parameters()).dtype
+
+    tokens = torch.full((rows, longest), pad_id, dtype=torch.long)
+    real = torch.zeros((rows, total), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        real[i, longest - len(p):] = True  # the prompt's tokens and every generated position
+    tokens, real = tokens.to(device), real.to(device)
+    input_pos = get_position_ids_from_padding_mask(real)  # [rows, total]
+    positions = torch.arange(total, device=device)
+
+    sampling = temperature > 0
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds] if sampling else []
+    vocab = model.tok_embeddings.num_embeddings
+
+    def next_tokens(logits: torch.Tensor) -> torch.Tensor:
+        noise = None
+        if sampling:  # each row's draw from its own generator: independent of the batch
+            noise = torch.stack([torch.empty(vocab, device=device).exponential_(1, generator=g) for g in generators])
+        return sample_tokens(logits[:, -1].float(), temperature=temperature, top_k=top_k, top_p=top_p, noise=noise)
+
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    out = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=device)
+    stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+    ended_at = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with local_kv_cache(model, batch_size=rows, device=device, dtype=cache_dtype, decoder_max_seq_len=total), \
+                output_at_one_position(model):
+            mask = get_causal_mask_from_padding_mask(real[:, :longest], target_seq_len=total)
+            logits = model(tokens, input_pos=input_pos[:, :longest], mask=mask)
+            for t in range(max_new_tokens):
+                nxt = next_tokens(logits)
+                out[:, t] = nxt
+                hit = torch.isin(nxt, stop) & ~stopped
+                ended_at = torch.where(hit, torch.full_like(ended_at, t), ended_at)
+                stopped |= hit
+                if t == max_new_tokens - 1 or bool(stopped.all()):
+                    break
+                pos = longest + t  # the new token's position in the padded batch
+                mask = (real & (positions <= pos))[:, None, :]  # [rows, 1, total]
+                logits = model(nxt[:, None], input_pos=input_pos[:, pos:pos + 1], mask=mask)
+    finally:
+        model.train(was_training)
+    out, ended_at, stopped = out.tolist(), ended_at.tolist(), stopped.tolist()
+    return [Generation(tokens=out[i][:ended_at[i]], stopped=stopped[i]) for i in range(rows)]

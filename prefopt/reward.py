@@ -1,0 +1,339 @@
+"""Scoring (prompt, response) pairs: a reward model or any Python callable, behind one ``score``.
+
+Two kinds of the config's ``reward`` block, built by :func:`build_reward`:
+
+- a reward model (``_component_: prefopt.reward.reward_model``): a Hugging Face
+  ``*ForSequenceClassification`` checkpoint with ONE output (e.g. Skywork-Reward-Llama-3.1-8B-v0.2),
+  loaded through torchtune's checkpointer (``model_type: REWARD`` maps ``score.weight`` to the
+  decoder's ``output.weight``) into a torchtune decoder whose output layer has one class
+  (:func:`classifier`, or torchtune's ``llama2_classifier``/``mistral_classifier``). Whole
+  conversations are laid out by the reward model's own tokenizer and template, scored in batches
+  of similar length, each at its last token (princeton's ``reward_model_annotate.py`` scores one
+  response at a time);
+- any callable ``(prompt, response) -> float`` named by ``_component_`` (rule-based or verifiable
+  rewards; the block's other keys are bound as keyword arguments), e.g.
+  :func:`example_rule_reward`.
+
+Shared by ``recipes/generate_preference_pairs.py`` and the judge of trained generations.
+"""
+
+import functools
+import importlib
+import inspect
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchtune import config, training
+from torchtune.data import Message
+from torchtune.modules import TransformerDecoder
+
+from prefopt.generation import output_at_one_position
+
+__all__ = [
+    "Reward",
+    "RewardModel",
+    "CallableReward",
+    "reward_model",
+    "classifier",
+    "build_reward",
+    "reward_bound_args",
+    "reward_head_problem",
+    "prompt_text",
+    "example_rule_reward",
+    "reward_settings",
+]
+
+
+def prompt_text(messages: Sequence[Mapping[str, str]]) -> str:
+    """The prompt as one string for a callable reward: the content of its last user message
+    (the question being answered; princeton's ``prompt`` column)."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
+class Reward:
+    """What a reward is: ``score(prompts, responses) -> [float]`` (``prompts[i]`` a list of
+    ``{"role", "content"}`` messages, ``responses[i]`` the assistant's text), plus ``name`` (for
+    the output file) and the throughput counters ``items``, ``tokens`` and ``seconds``."""
+
+    name: str = "reward"
+
+    def __init__(self) -> None:
+        self.items = 0
+        self.tokens = 0  # tokens run through a reward model (0 for a callable)
+        self.seconds = 0.0
+
+    def score(self, prompts: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str]) -> List[float]:
+        raise NotImplementedError
+
+
+class CallableReward(Reward):
+    """A Python callable ``fn(prompt: str, response: str) -> float`` as a :class:`Reward`;
+    ``prompt`` is :func:`prompt_text` of the prompt's messages."""
+
+    def __init__(self, fn: Callable[[str, str], float], name: str) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = name
+
+    def score(self, prompts, responses) -> List[float]:
+        t0 = time.perf_counter()
+        out = [float(self.fn(prompt_text(p), r)) for p, r in zip(prompts, responses)]
+        self.seconds += time.perf_counter() - t0
+        self.items += len(out)
+        return out
+
+
+class RewardModel(Reward):
+    """A one-output classifier decoder scoring whole conversations.
+
+    Args:
+        model: a torchtune ``TransformerDecoder`` whose ``output`` maps to 1 value, on ``device``.
+        tokenizer: the reward model's torchtune tokenizer (its template lays out the conversation).
+        batch_size (int): conversations per forward.
+        add_eos (bool): keep the tokenizer's final end-of-sequence token after the last turn's
+            end-of-turn tokens. torchtune's Llama 3 tokenizer appends ``<|end_of_text|>`` after
+            ``<|eot_id|>``; Hugging Face's Llama 3 chat template (what Skywork's and ArmoRM's
+            cards score with) does not, so the default drops it and the score is read at ``<|eot_id|>``.
+        device: where the model is.
+        name (str): what the output file names as the reward.
+
+    Raises:
+        ValueError: a model whose output layer does not have exactly one output.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, batch_size: int = 8, add_eos: bool = False,
+                 device: torch.device = torch.device("cpu"), name: str = "reward model") -> None:
+        super().__init__()
+        out_features = getattr(getattr(model, "output", None), "out_features", None)
+        if out_features != 1:
+            raise ValueError(f"the reward model's output layer has {out_features} outputs; a reward model has exactly 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.add_eos = add_eos
+        self.device = torch.device(device)
+        self.name = name
+
+    def encode(self, prompt: Sequence[Mapping[str, str]], response: str) -> List[int]:
+        """Token ids of the conversation ``prompt + [assistant: response]`` in the reward
+        model's template, ending with the last turn's end tokens."""
+        msgs = [Message(role=m["role"], content=m["content"], masked=True) for m in prompt]
+        msgs.append(Message(role="assistant", content=response, masked=False))
+        ids, _ = self.tokenizer.tokenize_messages(msgs, add_end_tokens=True)
+        ids = list(ids)
+        if not self.add_eos and len(ids) > 1 and ids[-1] == self.tokenizer.eos_id:
+            ids = ids[:-1]
+        return ids
+
+    @torch.inference_mode()
+    def score_ids(self, sequences: Sequence[Sequence[int]]) -> List[float]:
+        """The score of each token sequence: the output at its last token.
+
+        Sequences are sorted by length and scored ``batch_size`` at a time, right-padded: with a
+        causal mask a token never sees the padding after it, so no mask is needed and a padded
+        row scores what it would alone. Only the last real position goes through the head.
+
+        Raises:
+            ValueError: an empty sequence, or one longer than the model's ``max_seq_len``.
+        """
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        scores: List[float] = [0.0] * len(sequences)
+        limit = self.model.max_seq_len
+        pad = getattr(self.tokenizer, "pad_id", 0) or 0
+        t0 = time.perf_counter()
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            lens = [len(sequences[i]) for i in idx]
+            if min(lens) == 0 or max(lens) > limit:
+                raise ValueError(f"a conversation of {max(lens) if max(lens) else 0} tokens: the reward model scores 1..{limit} tokens")
+            batch = torch.full((len(idx), max(lens)), pad, dtype=torch.long)
+            for r, i in enumerate(idx):
+                batch[r, :lens[r]] = torch.tensor(sequences[i], dtype=torch.long)
+            last = torch.tensor(lens, device=self.device) - 1
+            with output_at_one_position(self.model, last):
+                out = self.model(batch.to(self.device))  # [b, 1, 1]
+            for r, v in zip(idx, out[:, 0, 0].float().tolist()):
+                scores[r] = v
+            self.tokens += sum(lens)
+        self.seconds += time.perf_counter() - t0
+        self.items += len(sequences)
+        return scores
+
+    def score(self, prompts, responses) -> List[float]:
+        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)])
+
+
+# ------------------------------------------------------------------------------------------------
+# building from a config block
+
+
+def classifier(base: str, num_classes: int = 1, **kwargs: Any) -> TransformerDecoder:
+    """Any torchtune decoder builder (``base``, a dotted path such as
+    ``torchtune.models.llama3_1.llama3_1_8b``) with its output layer replaced by a
+    ``Linear(embed_dim, num_classes, bias=False)``: the shape a Hugging Face
+    ``*ForSequenceClassification`` checkpoint loads into (torchtune 0.6 has classifier builders
+    for Llama 2 and Mistral only). ``kwargs`` go to ``base``."""
+    module, _, attr = base.rpartition(".")
+    model = getattr(importlib.import_module(module), attr)(**kwargs)
+    embed_dim = model.tok_embeddings.embedding_dim
+    model.output = nn.Linear(embed_dim, num_classes, bias=False)
+    return model
+
+
+def reward_head_problem(checkpoint_dir: Any) -> Optional[str]:
+    """Why the Hugging Face checkpoint in ``checkpoint_dir`` is not a one-output reward model,
+    from its ``config.json`` alone (read before any weight): a ``num_labels``/``id2label`` of
+    more than one class, or an architecture that is not ``*ForSequenceClassification``. None if
+    it is one (or there is no config.json to tell)."""
+    path = Path(str(checkpoint_dir)) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{path} cannot be read ({e})"
+    archs = cfg.get("architectures") or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    # transformers writes id2label only when it is not its default of 2 labels
+    n = cfg.get("num_labels") or (len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) else (2 if classifier else 1))
+    if n != 1:
+        return f"{path} declares a head of {n} outputs (num_labels/id2label); a reward model has exactly 1"
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        return f"{path}: architectures {archs} is not a *ForSequenceClassification reward model"
+    return None
+
+
+def reward_model(
+    *,
+    model: Mapping[str, Any],
+    tokenizer: Mapping[str, Any],
+    checkpointer: Mapping[str, Any],
+    batch_size: int = 8,
+    add_eos: bool = False,
+    device: Any = "cpu",
+    dtype: Any = torch.float32,
+) -> RewardModel:
+    """A :class:`RewardModel` from the config's sub-blocks (the recipe passes ``device`` and
+    ``dtype``): the head checked from ``config.json``, the weights read by the checkpointer
+    (``model_type: REWARD``), the model built on ``device`` in ``dtype`` and loaded strictly.
+
+    Raises:
+        ValueError: a head with more than one output (naming ``reward.checkpointer``), or weights
+            that do not fit the model.
+    """
+    problem = reward_head_problem(checkpointer.get("checkpoint_dir"))
+    if problem:
+        raise ValueError(f"reward.checkpointer.checkpoint_dir: {problem}")
+    device = torch.device(device)
+    dtype = training.get_dtype(dtype, device=device) if isinstance(dtype, str) else dtype
+    ckpt = config.instantiate(_as_config(checkpointer))
+    state = ckpt.load_checkpoint()[training.MODEL_KEY]
+    head = state.get("output.weight")
+    if head is not None and head.shape[0] != 1:
+        raise ValueError(f"reward.checkpointer: the checkpoint's score head has {head.shape[0]} outputs; a reward model has exactly 1")
+    with training.set_default_dtype(dtype), device:
+        net = config.instantiate(_as_config(model))
+    net.load_state_dict(state, strict=True)
+    tok = config.instantiate(_as_config(tokenizer))
+    name = str(checkpointer.get("checkpoint_dir", "reward model"))
+    return RewardModel(net, tok, batch_size=batch_size, add_eos=add_eos, device=device, name=name)
+
+
+reward_model.builds_reward = True  # build_reward: call it with device/dtype, do not wrap it
+
+
+def _as_config(block: Any) -> DictConfig:
+    return block if isinstance(block, DictConfig) else OmegaConf.create(dict(block))
+
+
+def _target(block: Mapping[str, Any]) -> Any:
+    module, _, attr = str(block["_component_"]).rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def reward_bound_args(block: Any) -> Tuple[str, ...]:
+    """The arguments of the ``reward`` block's component that the recipe supplies (for
+    :func:`prefopt.config.validate_config`): ``device``/``dtype`` of a reward-model builder, or
+    the two positional ``(prompt, response)`` parameters of a scoring callable."""
+    try:
+        fn = _target(block)
+    except Exception:  # noqa: BLE001 - validate_config reports the import error itself
+        return ()
+    if getattr(fn, "builds_reward", False):
+        return ("device", "dtype")
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params[:2])
+
+
+def build_reward(block: Any, *, device: Any = "cpu", dtype: Any = torch.float32) -> Reward:
+    """The :class:`Reward` of a config's ``reward`` block: a builder marked ``builds_reward``
+    (:func:`reward_model`) is called with the block's keys plus ``device``/``dtype``; a class
+    that is a :class:`Reward` is instantiated with the block's keys; any other callable is the
+    scoring function, the block's other keys bound as keyword arguments.
+
+    Raises:
+        ImportError / AttributeError: the ``_component_`` cannot be imported.
+        TypeError: the component is not callable.
+    """
+    fn = _target(block)
+    kwargs = {k: v for k, v in block.items() if k != "_component_"}
+    if getattr(fn, "builds_reward", False):
+        return fn(**kwargs, device=device, dtype=dtype)
+    if inspect.isclass(fn) and issubclass(fn, Reward):
+        return fn(**OmegaConf.to_container(_as_config(kwargs), resolve=True))
+    if not callable(fn):
+        raise TypeError(f"reward._component_: {block['_component_']} is not callable")
+    plain = OmegaConf.to_container(_as_config(kwargs), resolve=True) if kwargs else {}
+    return CallableReward(functools.partial(fn, **plain) if plain else fn, name=str(block["_component_"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# an example rule-based reward
+
+_WORD = re.compile(r"[A-Za-z']+")
+_STOP = frozenset("a an the in on at of to and or is are was were one line sentence about write describe tell me "
+                  "what how why who give for with".split())
+
+
+def example_rule_reward(prompt: str, response: str, target_words: int = 12) -> float:
+    """A rule-based reward for one-sentence answers (the tiny data's kind), each term in [0, 1]:
+
+    - form: starts with a capital letter, ends with ``.``, ``!`` or ``?``, one sentence;
+    - no repetition: the share of distinct word bigrams (loops such as "Hi Hi Hi" score low);
+    - length: 1 at ``target_words`` words, falling off linearly to 0 at 0 or twice as many, so
+      that a longer answer is not a better one;
+    - on topic: the share of the prompt's content words that the answer uses.
+
+    Returns their sum (0..4); an empty response scores 0.
+    """
+    text = response.strip()
+    words = _WORD.findall(text)
+    if not words:
+        return 0.0
+    form = (text[0].isupper() + (text[-1] in ".!?") + (sum(text.count(c) for c in ".!?") == 1)) / 3
+    bigrams = list(zip(words, words[1:]))
+    distinct = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+    length = max(0.0, 1.0 - abs(len(words) - target_words) / target_words)
+    topic_words = {w.lower() for w in _WORD.findall(prompt)} - _STOP
+    used = {w.lower() for w in words}
+    topic = len(topic_words & used) / len(topic_words) if topic_words else 0.0
+    score = form + distinct + length + topic
+    return score if math.isfinite(score) else 0.0
+
+
+def reward_settings(reward: Reward) -> Dict[str, Any]:
+    """What the output file records about the reward: its kind and name."""
+    return {"kind": "reward_model" if isinstance(reward, RewardModel) else "callable", "name": reward.name}
