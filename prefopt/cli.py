@@ -19,7 +19,8 @@ from prefopt.config import load_config_file
 
 __all__ = ["main", "recipes_dir", "configs_dir", "list_recipes", "resolve_recipe", "resolve_config"]
 
-FULL_MARKER = "simpo_full"
+# which recipe a config is for, from its file name (the first marker found; else the LoRA recipe)
+RECIPE_BY_CONFIG_NAME = (("generate_pairs", "generate_preference_pairs"), ("simpo_full", "simpo_full_distributed"))
 
 
 def _bundled(name: str, checkout_dir: str) -> Path:
@@ -42,13 +43,14 @@ def configs_dir() -> Path:
 
 def list_recipes() -> Dict[str, List[str]]:
     """``{recipe name: [config names]}``; config names are paths under configs/ without ``.yaml``."""
-    recipes = sorted(p.stem for p in recipes_dir().glob("simpo_*.py"))
+    recipes = sorted(p.stem for p in recipes_dir().glob("*.py") if not p.name.startswith("_"))
     configs = sorted(
         str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().rglob("*.yaml")
     )
     table: Dict[str, List[str]] = {r: [] for r in recipes}
     for c in configs:
-        owner = "simpo_full_distributed" if FULL_MARKER in Path(c).name else "simpo_lora_single_device"
+        name = Path(c).name
+        owner = next((r for marker, r in RECIPE_BY_CONFIG_NAME if marker in name), "simpo_lora_single_device")
         table.setdefault(owner, []).append(c)
     return table
 
