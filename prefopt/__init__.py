@@ -9,10 +9,13 @@ Each module has one job:
 - :mod:`prefopt.step`: one preference step's forward (tokens -> log-probs -> loss, rewards, metric
   inputs), written once for both recipes.
 - :mod:`prefopt.data`: the preference data set: sources read, rows checked, tokenized, truncated
-  and cached (its modules: ``sources``, ``encoding``, ``cache``, ``dataset``).
+  and cached (its modules: ``sources``, ``encoding``, ``cache``, ``dataset``; ``prompts``: the
+  prompts of a preference or prompts file, for generation).
 - :mod:`prefopt.collate`: the padded and the packed collates, items -> the step's batch tensors.
 - :mod:`prefopt.packing`: the packed, prefix-shared layout (which pairs share a row) and its
   attention mask.
+- :mod:`prefopt.attention`: the packed layout's FlexAttention on CUDA, compiled once for any mix
+  of lengths, never silently unfused.
 - :mod:`prefopt.metrics`: the metrics TRL and princeton log, reduced over micro-batches and ranks.
 - :mod:`prefopt.config`: start-up validation of a recipe's config, every problem in one error.
 - :mod:`prefopt.checkpointing`: the start-up checks that output_dir can hold the checkpoints.
