@@ -491,8 +491,11 @@ class SimPORecipeSingleDevice:
             # state_dict() of a QLoRA model dequantizes NF4 weights through the builder's hook,
             # to bf16 whatever the run's dtype: to the run's dtype instead, the dtype the trained
             # model computed with, so that an fp32 run's small LoRA deltas survive the merge
+            # copy=True: get_merged_lora_ckpt adds the LoRA delta in place, and on a CPU run
+            # .cpu() returns the model's own tensors: the trained model's base weights would take
+            # the delta too (its LoRA layers then adding it twice, for the rest of the run)
             with nf4_state_dict_dtype(self._model, self._dtype):
-                full = {k: t.detach().cpu() for k, t in self._model.state_dict().items()}
+                full = {k: t.detach().to("cpu", copy=True) for k, t in self._model.state_dict().items()}
             ckpt[training.MODEL_KEY] = get_merged_lora_ckpt(full, rank=self._lora_rank, alpha=self._lora_alpha)
         ckpt[training.ADAPTER_CONFIG] = {
             "r": self._lora_rank,
