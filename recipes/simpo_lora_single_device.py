@@ -41,7 +41,7 @@ from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.models.match import CheckpointMismatchError, check_model_matches_checkpoint
 from prefopt.packing import packing_unsupported_reason
-from prefopt.peft import keep_adapters_in_fp32
+from prefopt.peft import keep_adapters_in_fp32, nf4_state_dict_dtype
 from prefopt.resume import data_identity, load_checkpoint_file, read_newest_state, start_fresh_run, write_state
 from prefopt.startup import component_problems, zero_lr_warning
 from prefopt.step import preference_forward
@@ -488,8 +488,14 @@ class SimPORecipeSingleDevice:
         so a lost export must be visible (no ``epoch_<N>/``) for a resume to write it."""
         ckpt = {training.ADAPTER_KEY: adapter}
         if not self._cfg["save_adapter_weights_only"]:
-            # state_dict() of a QLoRA model dequantizes NF4 weights through the builder's hook.
-            full = {k: t.detach().cpu() for k, t in self._model.state_dict().items()}
+            # state_dict() of a QLoRA model dequantizes NF4 weights through the builder's hook,
+            # to bf16 whatever the run's dtype: to the run's dtype instead, the dtype the trained
+            # model computed with, so that an fp32 run's small LoRA deltas survive the merge
+            # copy=True: get_merged_lora_ckpt adds the LoRA delta in place, and on a CPU run
+            # .cpu() returns the model's own tensors: the trained model's base weights would take
+            # the delta too (its LoRA layers then adding it twice, for the rest of the run)
+            with nf4_state_dict_dtype(self._model, self._dtype):
+                full = {k: t.detach().to("cpu", copy=True) for k, t in self._model.state_dict().items()}
             ckpt[training.MODEL_KEY] = get_merged_lora_ckpt(full, rank=self._lora_rank, alpha=self._lora_alpha)
         ckpt[training.ADAPTER_CONFIG] = {
             "r": self._lora_rank,

@@ -135,3 +135,32 @@ def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 0, timeout:
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def apply_peft_adapter(state_dict: dict, adapter_dir) -> dict:
+    """``state_dict`` (a Hugging Face model's) with the PEFT LoRA adapter in ``adapter_dir``
+    (``adapter_model.safetensors`` + ``adapter_config.json``) merged as PEFT merges it:
+    W + B @ A * lora_alpha / r. What ``PeftModel.from_pretrained(...).merge_and_unload()``
+    gives, for the environments where peft cannot be imported (it rejects torchao 0.13)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    adapter = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    scale = cfg["lora_alpha"] / cfg["r"]
+    out = dict(state_dict)
+    for key, a in adapter.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        base = key[len("base_model.model."):-len(".lora_A.weight")] + ".weight"
+        b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        out[base] = out[base] + (b.double() @ a.double() * scale).to(out[base].dtype)
+    return out
+
+
+def next_token_logps(logits, tokens):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) per position, from a causal LM's logits."""
+    import torch
+
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]

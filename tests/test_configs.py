@@ -278,11 +278,11 @@ def test_components_build(path):
 
     model_type = cfg.checkpointer.get("model_type")
     if model_type is not None:
-        from prefopt.models.checkpointer import KEY_MAPS
+        from prefopt.models.checkpointer import MODEL_TYPES
 
-        # prefopt's HFCheckpointer takes its own types (Qwen3, Gemma 3), torchtune's the enum's
+        # prefopt's HFCheckpointer takes its own types (Qwen 2, Qwen3, Gemma 3), torchtune's the enum's
         ours = cfg.checkpointer._component_ == "prefopt.models.checkpointer.HFCheckpointer"
-        assert model_type in (KEY_MAPS if ours else ModelType.__members__), f"checkpointer.model_type {model_type!r}"
+        assert model_type in (MODEL_TYPES if ours else ModelType.__members__), f"checkpointer.model_type {model_type!r}"
     m = re.match(r"(?:torchtune|prefopt)\.models\.([a-z0-9_]+)\.", cfg.model._component_)
     if m and m.group(1) in MODEL_FAMILY:
         want_type, want_tok = MODEL_FAMILY[m.group(1)]

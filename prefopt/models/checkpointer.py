@@ -13,7 +13,11 @@ the QWEN2 conversion functions swapped for ours for the duration of each call (t
 by that path at call time).
 
 The adapter is saved for PEFT without torchtune's Llama q/k permutation of ``lora_B`` (wrong for
-rotate-half RoPE, as for Qwen 2: issue 24 item 3).
+rotate-half RoPE). ``model_type: QWEN2`` (Qwen 2 / 2.5) is the same fix alone: torchtune's own
+QWEN2 conversion of the base weights (correct: it permutes nothing), and the adapter saved
+without the permutation that torchtune's checkpointer applies to every adapter it converts
+(issue 24 item 3: a Qwen 2.5 ``epoch_<N>/adapter/`` loaded with PEFT gave log-probs 0.017-0.028
+off the trained model's, while the merged model was right).
 """
 
 import contextlib
@@ -24,7 +28,7 @@ import torch
 from torchtune.models.qwen2 import _convert_weights as _qwen2
 from torchtune.training import FullModelHFCheckpointer
 
-__all__ = ["KEY_MAPS", "HFCheckpointer", "hf_to_tune", "tune_to_hf", "tune_to_peft_adapter"]
+__all__ = ["KEY_MAPS", "MODEL_TYPES", "HFCheckpointer", "hf_to_tune", "tune_to_hf", "tune_to_peft_adapter"]
 
 # Hugging Face key (language model, "model." prefix) -> torchtune key; None: not loaded.
 # Qwen3: torchtune's QWEN2 map (no bias keys occur) plus the q/k norms.
@@ -42,6 +46,10 @@ _GEMMA3 = {
     "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_norm.scale",
 }
 KEY_MAPS = {"QWEN3": _QWEN3, "GEMMA3": _GEMMA3}
+# the model types HFCheckpointer takes: KEY_MAPS' (our conversion of everything), and QWEN2
+# (torchtune's conversion of the base weights, ours of the adapter only)
+ADAPTER_KEY_MAPS = {**KEY_MAPS, "QWEN2": _qwen2._FROM_HF}
+MODEL_TYPES = tuple(ADAPTER_KEY_MAPS)
 _TIED_DEFAULT = {"QWEN3": False, "GEMMA3": True}  # transformers' config defaults
 # where a checkpoint keeps its language model: text-only, then Gemma 3's multimodal layouts
 # (transformers < 4.52's "language_model.model." on the hub, >= 4.52's "model.language_model.")
@@ -57,7 +65,7 @@ def _abstract(key: str):
 def _map(key: str, table: Dict[str, Optional[str]]) -> Optional[str]:
     abstract, layer = _abstract(key)
     if abstract not in table:
-        raise KeyError(f"unexpected checkpoint key {key!r}: not a Qwen3 / Gemma 3 language-model weight")
+        raise KeyError(f"unexpected checkpoint key {key!r}: not a Qwen 2 / Qwen3 / Gemma 3 language-model weight")
     new = table[abstract]
     return None if new is None else new.format(layer)
 
@@ -117,8 +125,9 @@ def tune_to_peft_adapter(state_dict: Dict[str, torch.Tensor], model_type: str,
                          prefix: str = "model.") -> Dict[str, torch.Tensor]:
     """torchtune adapter keys (``layers.0.attn.q_proj.lora_a.weight``) -> PEFT's
     (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``); values unchanged (no
-    q/k permutation: the base weights are not permuted either)."""
-    inverse = {v: k for k, v in KEY_MAPS[model_type].items() if v is not None}
+    q/k permutation: the base weights are not permuted either). ``model_type``: one of
+    :data:`MODEL_TYPES`."""
+    inverse = {v: k for k, v in ADAPTER_KEY_MAPS[model_type].items() if v is not None}
     inverse["output.weight"] = "lm_head.weight"
     out = {}
     for key, value in state_dict.items():
@@ -134,11 +143,12 @@ def tune_to_peft_adapter(state_dict: Dict[str, torch.Tensor], model_type: str,
 
 
 class HFCheckpointer(FullModelHFCheckpointer):
-    """torchtune's ``FullModelHFCheckpointer`` for Qwen3 and Gemma 3 checkpoints.
+    """torchtune's ``FullModelHFCheckpointer`` for Qwen 2 / 2.5, Qwen3 and Gemma 3 checkpoints.
 
     Args:
         checkpoint_dir, checkpoint_files, output_dir, **kwargs: as torchtune's.
-        model_type (str): ``QWEN3`` or ``GEMMA3`` (not a torchtune ``ModelType``).
+        model_type (str): ``QWEN3`` or ``GEMMA3`` (not a torchtune ``ModelType``), or ``QWEN2``:
+            torchtune's QWEN2 checkpointer but for the adapter, saved for PEFT unpermuted.
 
     ``load_checkpoint()["model"]`` is the language model's state dict in torchtune's names (a
     multimodal Gemma 3's other weights are held here and written back by ``save_checkpoint``, so
@@ -149,10 +159,14 @@ class HFCheckpointer(FullModelHFCheckpointer):
     """
 
     def __init__(self, checkpoint_dir: str, checkpoint_files, model_type: str, output_dir: str, **kwargs: Any):
-        if model_type not in KEY_MAPS:
-            raise ValueError(f"HFCheckpointer model_type {model_type!r}: one of {sorted(KEY_MAPS)}")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"HFCheckpointer model_type {model_type!r}: one of {sorted(MODEL_TYPES)}")
         super().__init__(checkpoint_dir, checkpoint_files, "QWEN2", output_dir, **kwargs)
         self.family = model_type
+        self._prefix = "model."
+        self._other: Dict[str, torch.Tensor] = {}
+        if model_type == "QWEN2":
+            return
         # Gemma 3 4B+ keep the language model's settings in text_config; the QWEN2 path reads
         # these four fields before calling the (swapped) conversion, which ignores them
         text = dict(self._config.get("text_config") or self._config)
@@ -160,8 +174,6 @@ class HFCheckpointer(FullModelHFCheckpointer):
             text.setdefault(k, None)
         text.setdefault("tie_word_embeddings", self._config.get("tie_word_embeddings", _TIED_DEFAULT[model_type]))
         self._config = text
-        self._prefix = "model."
-        self._other: Dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def _conversion(self) -> Iterator[None]:
@@ -172,11 +184,14 @@ class HFCheckpointer(FullModelHFCheckpointer):
             return model
 
         swaps = [
-            (_qwen2, "qwen2_hf_to_tune", to_tune),
-            (_qwen2, "qwen2_tune_to_hf", lambda sd, **_: tune_to_hf(sd, self.family, self._prefix, self._other)),
             (convert_weights, "tune_to_peft_adapter_weights",
              lambda sd, **_: tune_to_peft_adapter(sd, self.family, self._prefix)),
         ]
+        if self.family != "QWEN2":  # QWEN2: torchtune's own conversion of the base weights
+            swaps += [
+                (_qwen2, "qwen2_hf_to_tune", to_tune),
+                (_qwen2, "qwen2_tune_to_hf", lambda sd, **_: tune_to_hf(sd, self.family, self._prefix, self._other)),
+            ]
         saved = [(m, name, getattr(m, name)) for m, name, _ in swaps]
         try:
             for m, name, fn in swaps:
