@@ -83,6 +83,20 @@ def test_masked_response_positions_kept_and_cut_with_the_response(tmp_path, tiny
     assert cut["chosen_input_ids"] == ids[: full - 3] and cut["chosen_labels"][n_prompt:] == ids[n_prompt : full - 3]
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_build_leaves_the_garbage_collector_as_it_found_it(tmp_path, tiny_tokenizer, enabled):
+    """The encoder turns cyclic GC off for each batch and back on only if it was on."""
+    import gc
+
+    f = write(tmp_path, [pair("Where are the keys?", "The keys are in the garden.", "No.")])
+    (gc.enable if enabled else gc.disable)()
+    try:
+        ds = preference_dataset(tiny_tokenizer, source="json", data_files=f, split="train", cache_dir=tmp_path / "c", num_proc=1)
+        assert len(ds) == 1 and gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
 def test_bad_rows_dropped_and_counted(tmp_path, tiny_tokenizer, caplog):
     rows = [
         pair("Q one?", "good answer", "bad answer"),

@@ -6,10 +6,13 @@ tokenized columns that the cache stores.
 processes can run it); :func:`truncate_pair` is princeton-nlp/SimPO's truncation rule on ids.
 """
 
+import gc
+import itertools
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import datasets
+import numpy as np
 import pyarrow as pa
 from torchtune.data import Message
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
@@ -46,6 +49,17 @@ FEATURES = datasets.Features(
     }
 )
 _SCHEMA = FEATURES.arrow_schema
+_LIST_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_masked", "rejected_masked")
+
+
+def _token_lists(lists: Sequence[List[int]]) -> Any:
+    """A list<int32> Arrow array of Python int lists, through numpy (pure)."""
+    lens = np.fromiter(map(len, lists), dtype=np.int32, count=len(lists))
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
 _EMPTY = {
     "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "chosen_masked": [], "rejected_masked": [],
     "prompt_len": 0, "chosen_len": 0, "rejected_len": 0,
@@ -374,10 +388,21 @@ class PairEncoder:
         cols = [c for c in set(self.cols.values()) if c in table.column_names]
         # Text decoded from Arrow is valid UTF-8, so it holds no lone surrogate: skip that scan.
         self._arrow_text = True
-        out = self.encode_rows(self.rows_of(table.select(cols), indices), indices)
-        # An Arrow table (pyarrow converts the lists), not a dict: datasets' generic conversion
-        # of a dict of Python lists is several times slower.
-        return pa.table(out, schema=_SCHEMA)
+        # No cyclic garbage collection during a batch: encoding makes millions of small lists and
+        # dicts, none in a reference cycle (refcounting frees them), while each collection of the
+        # oldest generation walks every object of a process that has imported torch (about a
+        # tenth of a build's CPU time: benchmarks/README.md). Collections run between batches.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            out = self.encode_rows(self.rows_of(table.select(cols), indices), indices)
+        finally:
+            if was_enabled:
+                gc.enable()
+        # An Arrow table, not a dict (datasets' generic conversion of Python lists is slower), its
+        # token lists through numpy (faster than pyarrow's own conversion of nested lists here:
+        # benchmarks/README.md)
+        return pa.table({k: _token_lists(v) if k in _LIST_COLUMNS else v for k, v in out.items()}, schema=_SCHEMA)
 
 
 
