@@ -46,7 +46,12 @@ for r in $(seq 0 $((ROUNDS - 1))); do
   cat "$OUT/pairs/round_$r/pairs.jsonl" >> "$OUT/pairs/pairs.jsonl.tmp"
 done
 mv "$OUT/pairs/pairs.jsonl.tmp" "$OUT/pairs/pairs.jsonl"
-echo "$(wc -l < "$OUT/pairs/pairs.jsonl") pairs in $OUT/pairs/pairs.jsonl"
+N_PAIRS=$(wc -l < "$OUT/pairs/pairs.jsonl")
+echo "$N_PAIRS pairs in $OUT/pairs/pairs.jsonl"
+if [ "$N_PAIRS" -eq 0 ]; then
+  echo "no pair kept (see $OUT/pairs/round_*/summary.json): more ROUNDS, a lower MIN_GAP or a longer warm-up" >&2
+  exit 1
+fi
 
 echo "== 3/4 SimPO + LoRA on the pairs (configs/tiny/onpolicy_simpo_lora.yaml)"
 rm -rf "$OUT/simpo_lora"

@@ -42,7 +42,7 @@ FULL_RECIPE = "recipes/simpo_full_distributed.py"
 GEN_RECIPE = "recipes/generate_preference_pairs.py"
 JUDGE_RECIPE = "recipes/judge_generations.py"
 # configs of torchtune's OWN recipes (the on-policy loop's warm-up): no CONFIG_SPEC to check them
-# against; scripts/onpolicy_demo.sh runs them (tests/test_judge.py checks the keys torchtune reads)
+# against; scripts/onpolicy_demo.sh runs them (tests/test_onpolicy_demo.py, slow)
 TORCHTUNE_CONFIGS = ("sft_warmup",)
 
 # The real-model configs of the LoRA recipe this file was written with; more may be added.
