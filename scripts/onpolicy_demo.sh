@@ -14,8 +14,9 @@
 # 4. the judge (configs/tiny/judge.yaml) on the held-out prompts: warmed-up start vs SimPO model,
 #    greedy and sampled; the table is printed and written to OUTPUT_DIR/judge/judge.txt.
 #
-# Measured (2 shared CPU cores, 172 s): 268 pairs; greedy mean reward 1.271 -> 1.264 (no rise),
-# sampled 1.168 -> 1.255; see the README's on-policy section for what this shows and what not.
+# Measured (2 shared CPU cores, 187 s): 268 pairs; greedy mean reward 1.271 -> 1.490 (win rate
+# 0.61, length 23.0 -> 22.4 tokens, share of answers fitting the topic 0.28 -> 0.50); sampled
+# 1.168 -> 1.169 (no gain); nothing degenerate.
 #
 # Every step is a `tune run` of a recipe and a config a user can copy; extra `key=value` settings
 # go through the environment: SFT_ARGS, PAIRS_ARGS, SIMPO_ARGS, JUDGE_ARGS (space-separated).
@@ -28,6 +29,7 @@ TUNE=${TUNE:-tune}
 START=$(date +%s)
 WARM=$OUT/sft_warmup/epoch_0
 WARM_FILES='[model-00001-of-00001.safetensors]'
+mkdir -p "$OUT"
 
 echo "== 1/4 warm-up: torchtune full_finetune_single_device (configs/tiny/sft_warmup.yaml)"
 rm -rf "$OUT/sft_warmup"
