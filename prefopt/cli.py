@@ -247,6 +247,8 @@ def plot_judge(report: Path, out: str) -> List[str]:
     short = {"any": "any", "empty": "empty", "never_stopped": "no stop", "repeated_ngram": "repeats"}
     bars(axes[1, 1], [f"{m}\n{short[k]}" for m in names for k in kinds],
          [(s, [modes[m][s]["degenerate"][k] for m in names for k in kinds]) for s in sides], "degenerate outputs", "share")
+    top = max((modes[m][s]["degenerate"][k] or 0) for m in names for s in sides for k in kinds)
+    axes[1, 1].set_ylim(0, max(0.05, top * 1.1))  # a share; all zero draws an empty panel from 0
     titles = ["mean reward", "response length", "win rate", "degenerate outputs"]
     fig.suptitle(f"prefopt judge: {data.get('trained')} vs {data.get('start')}", fontsize=9)
     fig.tight_layout()
