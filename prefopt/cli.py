@@ -6,6 +6,7 @@
     prefopt run simpo_lora_single_device --config tiny/simpo_lora loss.beta=5.0
     prefopt run --nproc_per_node 2 simpo_full_distributed --config tiny/simpo_full
     prefopt plot outputs/tiny_simpo_lora -o run.png
+    prefopt plot outputs/tiny_simpo_lora/judge -o judge.png   # recipes/judge_generations.py's report
 """
 
 import argparse
@@ -20,7 +21,12 @@ from prefopt.config import load_config_file
 __all__ = ["main", "recipes_dir", "configs_dir", "list_recipes", "resolve_recipe", "resolve_config"]
 
 # which recipe a config is for, from its file name (the first marker found; else the LoRA recipe)
-RECIPE_BY_CONFIG_NAME = (("generate_pairs", "generate_preference_pairs"), ("simpo_full", "simpo_full_distributed"))
+RECIPE_BY_CONFIG_NAME = (
+    ("generate_pairs", "generate_preference_pairs"),
+    ("simpo_full", "simpo_full_distributed"),
+    ("judge", "judge_generations"),
+    ("sft_warmup", "full_finetune_single_device"),  # torchtune's own recipe (tune run full_finetune_single_device)
+)
 
 
 def _bundled(name: str, checkout_dir: str) -> Path:
@@ -177,12 +183,90 @@ PANELS = (
 )
 
 
+JUDGE_REPORT = "judge.json"
+
+
+def judge_report(path: str) -> Optional[Path]:
+    """The judge's ``judge.json`` that ``path`` names: the file itself, or one in the folder
+    (recipes/judge_generations.py's output_dir); None if there is none."""
+    p = Path(path)
+    if p.is_file() and p.name == JUDGE_REPORT:
+        return p
+    if p.is_dir() and (p / JUDGE_REPORT).is_file():
+        return p / JUDGE_REPORT
+    return None
+
+
+def plot_judge(report: Path, out: str) -> List[str]:
+    """Draw a judge report (recipes/judge_generations.py's judge.json) into a PNG: mean reward,
+    response lengths, win rates (overall and per length bucket) and degenerate shares, start
+    against trained, per decoding mode; returns the panel titles."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(report).read_text())
+    modes = data.get("modes") or {}
+    if not modes:
+        raise ValueError(f"{report}: no decoding mode in the judge report")
+    names = list(modes)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    width = 0.38
+
+    def bars(ax, labels, series, title, ylabel):
+        xs = range(len(labels))
+        for j, (name, values) in enumerate(series):
+            ax.bar([x + (j - (len(series) - 1) / 2) * width for x in xs], [v if v is not None else 0 for v in values],
+                   width, label=name)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+
+    sides = ("start", "trained")
+    bars(axes[0, 0], names, [(s, [modes[m][s]["mean_reward"] for m in names]) for s in sides], "mean reward", "reward")
+    labels = [f"{m}\n{k}" for m in names for k in ("mean", "median", "p90")]
+    bars(axes[0, 1], labels, [(s, [modes[m][s]["length"][k] for m in names for k in ("mean", "median", "p90")])
+                              for s in sides], "response length", "tokens")
+    buckets = ["all", "shorter", "similar", "longer"]
+    wins = []
+    for m in names:
+        per = {b["bucket"]: b for b in modes[m]["length_buckets"]}
+        wins.append((m, [modes[m]["win_rate"]] + [per[b]["win_rate"] for b in buckets[1:]]))
+    counts = [f"{b}\n" + "/".join(str(next(x["pairs"] for x in modes[m]["length_buckets"] if x["bucket"] == b))
+                                   for m in names) if b != "all" else "all" for b in buckets]
+    bars(axes[1, 0], counts, wins, "win rate of trained over start (by length difference)", "win rate")
+    axes[1, 0].axhline(0.5, color="grey", lw=1, ls="--")
+    axes[1, 0].set_ylim(0, 1)
+    kinds = ["any", "empty", "never_stopped", "repeated_ngram"]
+    short = {"any": "any", "empty": "empty", "never_stopped": "no stop", "repeated_ngram": "repeats"}
+    bars(axes[1, 1], [f"{m}\n{short[k]}" for m in names for k in kinds],
+         [(s, [modes[m][s]["degenerate"][k] for m in names for k in kinds]) for s in sides], "degenerate outputs", "share")
+    top = max((modes[m][s]["degenerate"][k] or 0) for m in names for s in sides for k in kinds)
+    axes[1, 1].set_ylim(0, max(0.05, top * 1.1))  # a share; all zero draws an empty panel from 0
+    titles = ["mean reward", "response length", "win rate", "degenerate outputs"]
+    fig.suptitle(f"prefopt judge: {data.get('trained')} vs {data.get('start')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return titles
+
+
 def plot_run(path: str, out: str) -> List[str]:
     """Plot a run's DiskLogger metrics (train and eval) into a PNG; returns the panel titles.
+    A judge's output_dir (or its judge.json) is drawn by :func:`plot_judge` instead.
 
     Raises:
         FileNotFoundError: if there is no log; ValueError: if it holds no known metric.
     """
+    report = judge_report(path)
+    if report is not None:
+        return plot_judge(report, out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cp.set_defaults(fn=_cp)
     sub.add_parser("run", help="run a recipe: prefopt run [torchrun flags] RECIPE --config CONFIG [key=value ...]")
     pl = sub.add_parser("plot", help="plot a run's metrics from its DiskLogger files")
-    pl.add_argument("path", help="output_dir, its logs/ folder, or one log file")
+    pl.add_argument("path", help="output_dir, its logs/ folder, or one log file; or a judge's output_dir / judge.json")
     pl.add_argument("-o", "--output", default="run.png", help="PNG to write (default run.png)")
     pl.set_defaults(fn=_plot)
     args = parser.parse_args(argv)

@@ -47,6 +47,9 @@ __all__ = [
     "reward_head_problem",
     "prompt_text",
     "example_rule_reward",
+    "topic_rule_reward",
+    "well_formed",
+    "TINY_TOPICS",
     "reward_settings",
 ]
 
@@ -337,3 +340,70 @@ def example_rule_reward(prompt: str, response: str, target_words: int = 12) -> f
 def reward_settings(reward: Reward) -> Dict[str, Any]:
     """What the output file records about the reward: its kind and name."""
     return {"kind": "reward_model" if isinstance(reward, RewardModel) else "callable", "name": reward.name}
+
+
+# The tiny data's topics (prefopt/assets/tiny: "Write one sentence about the summer.") and the
+# places, times and subjects of its sentences that fit each one. The tiny answers are drawn
+# without regard to the topic, so a warm-up on them cannot teach this: what the on-policy loop
+# (scripts/onpolicy_demo.sh) has to learn from its own samples. Each phrase fits ONE topic, so
+# one fixed answer fits at most three topics (its subject, place and time): beating that needs
+# answers that follow the prompt.
+TINY_TOPICS: Dict[str, Tuple[str, ...]] = {
+    "the weekend": ("on sunday", "on the hill"),
+    "a small town": ("at the market", "in the city"),
+    "a busy day": ("at noon", "at the station"),
+    "the family": ("my brother", "my aunt", "before dinner"),
+    "a trip": ("near the river", "in the forest"),
+    "the house": ("in the kitchen", "behind the house", "by the window"),
+    "an afternoon": ("after the rain", "yesterday"),
+    "the summer": ("in the garden", "under the bridge"),
+}
+
+
+def well_formed(response: str, target_words: int = 11) -> float:
+    """How well-formed a one-sentence answer is, in [0, 1]: the mean of its form (starts with a
+    capital, ends with ``.``/``!``/``?``, one sentence), no repetition (distinct word bigrams,
+    and no word said twice in a row), and its length (1 at ``target_words`` words, falling off
+    linearly to 0 at 0 or twice as many: a longer answer is not a better one). 0 when empty."""
+    text = response.strip()
+    words = _WORD.findall(text)
+    if not words:
+        return 0.0
+    form = (text[0].isupper() + (text[-1] in ".!?") + (sum(text.count(c) for c in ".!?") == 1)) / 3
+    bigrams = list(zip(words, words[1:]))
+    distinct = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+    stutter = sum(a.lower() == b.lower() for a, b in bigrams)
+    repetition = max(0.0, distinct - stutter / max(len(bigrams), 1))
+    length = max(0.0, 1.0 - abs(len(words) - target_words) / target_words)
+    return (form + repetition + length) / 3
+
+
+def topic_rule_reward(
+    prompt: str,
+    response: str,
+    topics: Optional[Mapping[str, Sequence[str]]] = None,
+    target_words: int = 11,
+    topic_weight: float = 1.0,
+) -> float:
+    """A rule-based reward that pays for what a warm-up on the tiny answers does not teach: an
+    answer that fits the prompt's topic, on top of a well-formed sentence.
+
+    ``well_formed(response) + topic_weight * fit`` (0 .. 1 + topic_weight), where ``fit`` is 1
+    when the response contains (case-insensitively) one of the phrases of the topic the prompt
+    names, else 0 (also 0 for a prompt naming none of ``topics``). ``topics`` maps a topic
+    (found in the prompt, case-insensitively; the longest match wins) to its fitting phrases;
+    the default is :data:`TINY_TOPICS`. Config use::
+
+        reward:
+          _component_: prefopt.reward.topic_rule_reward
+          topic_weight: 1.0
+    """
+    topics = TINY_TOPICS if topics is None else topics
+    p, r = prompt.lower(), " ".join(_WORD.findall(response.lower()))
+    named = [t for t in topics if t.lower() in p]
+    fit = 0.0
+    if named:
+        phrases = topics[max(named, key=len)]
+        fit = float(any(" ".join(_WORD.findall(ph.lower())) in r for ph in phrases))
+    score = well_formed(response, target_words) + topic_weight * fit if response.strip() else 0.0
+    return score if math.isfinite(score) else 0.0

@@ -13,7 +13,8 @@ For each config (found by globbing configs/ recursively, so configs added later 
 
 The recipe is picked by file name: ``*simpo_full*`` -> recipes/simpo_full_distributed.py,
 ``*generate_pairs*`` -> recipes/generate_preference_pairs.py (whose real configs carry princeton's
-sampling settings instead of SimPO's hyper-parameters), anything else ->
+sampling settings instead of SimPO's hyper-parameters), ``*judge*`` -> recipes/judge_generations.py,
+``*sft_warmup*`` -> torchtune's own full_finetune_single_device (skipped here), anything else ->
 recipes/simpo_lora_single_device.py; a recipe file that does not exist fails its configs.
 """
 
@@ -39,6 +40,10 @@ CONFIGS = sorted(
 LORA_RECIPE = "recipes/simpo_lora_single_device.py"
 FULL_RECIPE = "recipes/simpo_full_distributed.py"
 GEN_RECIPE = "recipes/generate_preference_pairs.py"
+JUDGE_RECIPE = "recipes/judge_generations.py"
+# configs of torchtune's OWN recipes (the on-policy loop's warm-up): no CONFIG_SPEC to check them
+# against; scripts/onpolicy_demo.sh runs them (tests/test_onpolicy_demo.py, slow)
+TORCHTUNE_CONFIGS = ("sft_warmup",)
 
 # The real-model configs of the LoRA recipe this file was written with; more may be added.
 EXPECTED = [
@@ -108,6 +113,8 @@ def recipe_for(path: str) -> str:
     # `*_simpo_full*` (e.g. 8B_simpo_full.yaml), and a bare `simpo_full*.yaml` under configs/tiny/
     if "generate_pairs" in Path(path).name:
         return GEN_RECIPE
+    if "judge" in Path(path).name:
+        return JUDGE_RECIPE
     return FULL_RECIPE if "simpo_full" in Path(path).name else LORA_RECIPE
 
 
@@ -126,7 +133,13 @@ def _load_module(rel: str):
     return mod
 
 
+def skip_torchtune_config(path: str) -> None:
+    if any(m in Path(path).name for m in TORCHTUNE_CONFIGS):
+        pytest.skip("a config of torchtune's own recipe (run by scripts/onpolicy_demo.sh)")
+
+
 def recipe_module(path: str):
+    skip_torchtune_config(path)
     rel = recipe_for(path)
     if not (REPO / rel).exists():  # a config naming a recipe that is not shipped is broken
         pytest.fail(f"{path} is run with {rel}, which does not exist")
@@ -228,6 +241,9 @@ def test_components_build(path):
 
     if recipe_for(path) == GEN_RECIPE:
         _generation_blocks_build(cfg)
+    elif recipe_for(path) == JUDGE_RECIPE:
+        _generation_blocks_build(cfg)
+        cfg = OmegaConf.merge(cfg, {"checkpointer": cfg.start_checkpointer})  # the family checks below
     else:
         loss = tt_config.instantiate(cfg.loss)
         assert isinstance(loss, torch.nn.Module)
