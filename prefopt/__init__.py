@@ -22,7 +22,9 @@ Each module has one job:
 - :mod:`prefopt.startup`: the start-up checks that need the components (loss and optimizer built,
   data files, splits and max_seq_len against the model on the meta device) and the zero-lr warning.
 - :mod:`prefopt.resume`: resume states: written atomically, the newest intact one found, the config
-  and the data compared (the comparison and its one message: ``resume_check``).
+  and the data compared.
+- :mod:`prefopt.resume_check`: what a resume must keep (config keys, the data's identity) and the
+  one message of a mismatch.
 - :mod:`prefopt.safe_load`: reading back what a run saved (torch.load, torch.distributed.checkpoint)
   with nothing in a file able to run code.
 - :mod:`prefopt.export`: the epoch-end exports (``epoch_<N>/``), whole or not at all; a resume
@@ -33,6 +35,8 @@ Each module has one job:
   left-padded prompts, stop tokens, temperature/top-k/top-p).
 - :mod:`prefopt.reward`: scoring (prompt, response) pairs: a one-output reward model or any
   Python callable, behind one ``score``.
+- :mod:`prefopt.judge`: the statistics of a judged run (win rate with ties half, lengths, win rate by
+  length bucket, degenerate outputs), pure.
 - :mod:`prefopt.peft`: LoRA adapters kept in float32 under a bf16 base.
 - :mod:`prefopt.models`: builders where torchtune's differ from the checkpoint (``mistral``: Mistral 7B
   v0.2's RoPE θ; ``gemma2``: transformers' Gemma 2) or has none (``qwen3``: Qwen3 and its
