@@ -57,6 +57,11 @@ def positive(v: Any) -> Optional[str]:
     return None if v is None or v > 0 else f"must be > 0, got {v}"
 
 
+def unit_interval(v: Any) -> Optional[str]:
+    """In (0, 1] (e.g. a sampler's top_p), or None."""
+    return None if v is None or 0 < v <= 1 else f"must be in (0, 1], got {v}"
+
+
 def non_negative(v: Any) -> Optional[str]:
     return None if v is None or v >= 0 else f"must be >= 0, got {v}"
 

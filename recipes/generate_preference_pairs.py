@@ -26,7 +26,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
-from prefopt.config import Key, at_least, non_negative, one_of, validate_config
+from prefopt.config import Key, at_least, non_negative, one_of, unit_interval, validate_config
 from prefopt.data.prompts import prompt_key
 from prefopt.generation import generate_batch, prompt_ids, row_seed, stop_token_ids
 from prefopt.guards import check_device, lock_output_dir
@@ -43,10 +43,6 @@ from prefopt.reward import (
 log = utils.get_logger("INFO")
 
 
-def _unit_interval(v: Any) -> Optional[str]:
-    return None if v is None or 0 < v <= 1 else f"must be in (0, 1], got {v}"
-
-
 CONFIG_SPEC = {
     "output_dir": Key(str, doc="where the pairs, their summary and the progress shards go"),
     "model": Key(component=True, doc="the policy: a torchtune decoder builder"),
@@ -58,7 +54,7 @@ CONFIG_SPEC = {
     "seed": Key(int, default=42, doc="sample j uses seed + j unless sample_seeds lists them"),
     "sample_seeds": Key((list, type(None)), default=None, doc="one seed per sample (princeton: 13, 21, 42, 79, 100)"),
     "temperature": Key(float, default=0.8, check=non_negative, doc="0: greedy"),
-    "top_p": Key((float, type(None)), default=None, check=_unit_interval),
+    "top_p": Key((float, type(None)), default=None, check=unit_interval),
     "top_k": Key((int, type(None)), default=None, check=at_least(1)),
     "max_new_tokens": Key(int, check=at_least(1)),
     "extra_stop_tokens": Key(list, default=[], doc="ids or one-token strings that also end a response"),

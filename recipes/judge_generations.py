@@ -22,14 +22,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_merged_lora_ckpt
 
-from prefopt.config import Key, at_least, non_negative, one_of, validate_config
+from prefopt.config import Key, at_least, non_negative, one_of, unit_interval, validate_config
 from prefopt.data.prompts import prompt_key
 from prefopt.generation import generate_batch, prompt_ids, row_seed, stop_token_ids
 from prefopt.guards import check_device, lock_output_dir
@@ -39,10 +39,6 @@ from prefopt.reward import build_reward, prompt_text, reward_bound_args, reward_
 from prefopt.safe_load import load_checkpoint_file
 
 log = utils.get_logger("INFO")
-
-
-def _unit_interval(v: Any) -> Optional[str]:
-    return None if v is None or 0 < v <= 1 else f"must be in (0, 1], got {v}"
 
 
 CONFIG_SPEC = {
@@ -60,7 +56,7 @@ CONFIG_SPEC = {
     "num_samples": Key(int, default=2, check=at_least(0), doc="sampled responses per prompt (0: none)"),
     "seed": Key(int, default=42, doc="sample j of a prompt uses seed + j, on both sides"),
     "temperature": Key(float, default=0.8, check=non_negative),
-    "top_p": Key((float, type(None)), default=None, check=_unit_interval),
+    "top_p": Key((float, type(None)), default=None, check=unit_interval),
     "top_k": Key((int, type(None)), default=None, check=at_least(1)),
     "max_new_tokens": Key(int, check=at_least(1)),
     "extra_stop_tokens": Key(list, default=[], doc="ids or one-token strings that also end a response"),
