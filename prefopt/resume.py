@@ -31,6 +31,7 @@ same error, and every rank tries the states that rank 0 listed, in the same orde
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -156,9 +157,16 @@ def save_run_config(cfg: DictConfig, path: PathLike) -> None:
     """Write ``cfg`` (interpolations resolved) to ``path`` as YAML, atomically (a temporary
     name, then a rename), so that a kill never leaves half a config beside a resume state."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))))
-    os.replace(tmp, path)
+    # a new, exclusively created name (not a fixed "config.yaml.tmp", which a link planted in a
+    # shared output_dir could point elsewhere); the rename replaces a link at `path`, never its target
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_run_config(path: PathLike) -> Optional[DictConfig]:

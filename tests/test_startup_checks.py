@@ -202,3 +202,22 @@ def test_tune_run_with_a_yaml_list_config_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"simpo_lora_single_device.py: {listed}: the config is a YAML list, not a mapping of keys" in proc.stderr
+
+
+def test_the_run_config_is_never_written_through_a_link(tmp_path):
+    """config.yaml (and the temporary name it is written under) in a shared output_dir: links
+    planted at either name are replaced or ignored, their targets never written."""
+    from omegaconf import OmegaConf
+
+    from prefopt.resume import load_run_config, save_run_config
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml.tmp").symlink_to(victim)  # the fixed temporary name used before
+    (out / "config.yaml").symlink_to(victim)
+    save_run_config(OmegaConf.create({"seed": 3}), out / "config.yaml")
+    assert victim.read_text() == "precious\n"
+    assert not (out / "config.yaml").is_symlink() and load_run_config(out / "config.yaml").seed == 3
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "config.yaml.tmp"]  # nothing else left
