@@ -158,6 +158,34 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> List[int]:
     return list(ids)
 
 
+def check_prompts_fit(prompt_ids: Sequence[List[int]], keys: Sequence[str], max_new_tokens: int, *,
+                      max_seq_len: int, vocab_size: int) -> None:
+    """Before any weight is read: every prompt + ``max_new_tokens`` fits the policy's context, and
+    the tokenizer's ids fit its vocabulary (else the tokenizer is another model's). Pure.
+
+    Args:
+        prompt_ids: [n] each prompt's token ids; keys: [n] each prompt's text (for the message).
+        max_new_tokens (int): the longest response sampled.
+        max_seq_len, vocab_size (int): the policy model's (read on a meta-device copy).
+
+    Raises:
+        ValueError: naming ``tokenizer`` or ``max_new_tokens``, the count and the longest prompt.
+    """
+    top = max(max(ids) for ids in prompt_ids)
+    if top >= vocab_size:
+        raise ValueError(f"tokenizer: gives token id {top}, but the policy model has {vocab_size} embeddings: "
+                         "the tokenizer and model are of different models")
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    n = len(prompt_ids[longest])
+    if n + max_new_tokens > max_seq_len:
+        too_long = sum(len(ids) + max_new_tokens > max_seq_len for ids in prompt_ids)
+        raise ValueError(
+            f"max_new_tokens: {too_long} prompt(s) + max_new_tokens={max_new_tokens} exceed the policy's "
+            f"context (model max_seq_len={max_seq_len}); the longest, prompt {longest}, has {n} tokens "
+            f"({keys[longest][:80]!r}). Lower max_new_tokens or drop those prompts."
+        )
+
+
 def stop_token_ids(tokenizer, extra: Sequence = ()) -> List[int]:
     """The ids that end a response: the tokenizer's ``stop_tokens`` (EOS and, for Llama 3, the
     end-of-turn and end-of-message ids) plus ``extra`` (ids, or strings that encode to exactly

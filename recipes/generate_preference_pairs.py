@@ -28,7 +28,7 @@ from torchtune import config, training, utils
 
 from prefopt.config import Key, at_least, non_negative, one_of, unit_interval, validate_config
 from prefopt.data.prompts import prompt_key
-from prefopt.generation import generate_batch, prompt_ids, row_seed, stop_token_ids
+from prefopt.generation import check_prompts_fit, generate_batch, prompt_ids, row_seed, stop_token_ids
 from prefopt.guards import check_device, lock_output_dir
 from prefopt.resume import CONFIG_FILE, ResumeMismatchError, load_run_config, resume_mismatches, save_run_config
 from prefopt.reward import (
@@ -211,19 +211,7 @@ class GeneratePairsRecipe:
             meta = config.instantiate(v["model"])
         limit, vocab = meta.max_seq_len, meta.tok_embeddings.num_embeddings
         del meta
-        top = max(max(ids) for ids in self._prompt_ids)
-        if top >= vocab:
-            raise ValueError(f"tokenizer: gives token id {top}, but the policy model has {vocab} embeddings: "
-                             "the tokenizer and model are of different models")
-        longest = max(range(len(self._prompt_ids)), key=lambda i: len(self._prompt_ids[i]))
-        n = len(self._prompt_ids[longest])
-        if n + v["max_new_tokens"] > limit:
-            too_long = sum(len(ids) + v["max_new_tokens"] > limit for ids in self._prompt_ids)
-            raise ValueError(
-                f"max_new_tokens: {too_long} prompt(s) + max_new_tokens={v['max_new_tokens']} exceed the policy's "
-                f"context (model max_seq_len={limit}); the longest, prompt {longest}, has {n} tokens "
-                f"({self._keys[longest][:80]!r}). Lower max_new_tokens or drop those prompts."
-            )
+        check_prompts_fit(self._prompt_ids, self._keys, v["max_new_tokens"], max_seq_len=limit, vocab_size=vocab)
 
     def _check_reward_fits(self) -> None:
         """A reward model: its tokenizer's ids fit its vocabulary, and each prompt with a

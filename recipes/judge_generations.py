@@ -31,7 +31,7 @@ from torchtune.modules.peft import get_merged_lora_ckpt
 
 from prefopt.config import Key, at_least, non_negative, one_of, unit_interval, validate_config
 from prefopt.data.prompts import prompt_key
-from prefopt.generation import generate_batch, prompt_ids, row_seed, stop_token_ids
+from prefopt.generation import check_prompts_fit, generate_batch, prompt_ids, row_seed, stop_token_ids
 from prefopt.guards import check_device, lock_output_dir
 from prefopt.judge import compare, format_table
 from prefopt.resume import CONFIG_FILE, save_run_config
@@ -145,14 +145,11 @@ class JudgeRecipe:
             self._stop = stop_token_ids(self._tokenizer, v["extra_stop_tokens"])
         except ValueError as e:
             raise ValueError(f"extra_stop_tokens: {e}") from None
-        with torch.device("meta"):
+        with torch.device("meta"):  # before any weight is read: the prompts fit the policy
             meta = config.instantiate(v["model"])
-        limit = meta.max_seq_len
+        limit, vocab = meta.max_seq_len, meta.tok_embeddings.num_embeddings
         del meta
-        longest = max(len(ids) for ids in self._prompt_ids)
-        if longest + v["max_new_tokens"] > limit:
-            raise ValueError(f"max_new_tokens: the longest prompt ({longest} tokens) + max_new_tokens={v['max_new_tokens']} "
-                             f"exceeds the policy's context (model max_seq_len={limit})")
+        check_prompts_fit(self._prompt_ids, self._keys, v["max_new_tokens"], max_seq_len=limit, vocab_size=vocab)
         save_run_config(self._run_cfg, self._output_dir / CONFIG_FILE)
         log.info(f"{len(self._prompts)} held-out prompts; greedy={v['greedy']}, {v['num_samples']} samples each")
 
