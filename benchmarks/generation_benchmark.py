@@ -2,16 +2,21 @@
 prefopt.reward's batched scoring against princeton's one-at-a-time scoring (a benchmark, not a test).
 
     python benchmarks/generation_benchmark.py [--shape decoder] [--prompts 4] [--k 4] [--batch 2]
-        [--max-new-tokens 32] [--rm-sequences 32] [--threads 2]
+        [--max-new-tokens 32] [--rm-prompts 8] [--threads 2]
 
 Same random Llama (benchmarks/_make_model.py's shapes; ``decoder`` is the 134M decoder-heavy one),
 same prompts (random token ids of mixed lengths, left-padded), same k, max_new_tokens and batch
 on both sides; sampling at princeton's settings (temperature 0.8, top_p 0.95) and no stop token,
 so every row produces exactly max_new_tokens tokens on both sides. Scoring: a one-output
-``LlamaForSequenceClassification`` of the same shape, our ``RewardModel`` (batches of
-``--rm-batch`` sequences, sorted by length) against ``model(input_ids)`` one sequence at a time
-(princeton's ``reward_model_annotate.py``). Each measurement runs in its own process, so its peak
-RSS is its own; the first batch of each is a warm-up and is not timed.
+``LlamaForSequenceClassification`` of the same shape scores what the pairs recipe scores, k
+responses per prompt (``--rm-prompts`` prompts of ``--rm-prompt-min..max`` tokens, each with k
+responses of ``--rm-response-min..max`` tokens; uniform lengths, a prompt about half as long as a
+response: UltraFeedback's prompts are ~1/3 of an on-policy response); our ``RewardModel.score_ids``
+with the prompt as each sequence's group (its tokens computed once per prompt; forwards of up to
+``--rm-batch`` sequences) against ``model(input_ids)`` one sequence at a time (princeton's
+``reward_model_annotate.py``). Each measurement runs in its own process, so its peak RSS is its
+own; the first batch of each is a warm-up and is not timed. The measurements alternate,
+``--repeats`` times each, and each one's median is reported.
 """
 
 import argparse
@@ -40,11 +45,19 @@ def _prompts(args):
 
 
 def _sequences(args):
+    """k conversations per prompt (the prompt's tokens, then a response's) and each one's prompt index."""
     import torch
 
     g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(args.rm_min, args.rm_max + 1, (args.rm_sequences,), generator=g).tolist()
-    return [[1] + torch.randint(3, 32000, (n - 1,), generator=g).tolist() for n in lengths]
+    seqs, keys = [], []
+    for i in range(args.rm_prompts):
+        n = int(torch.randint(args.rm_prompt_min, args.rm_prompt_max + 1, (1,), generator=g))
+        prompt = [1] + torch.randint(3, 32000, (n - 1,), generator=g).tolist()
+        for _ in range(args.k):
+            m = int(torch.randint(args.rm_response_min, args.rm_response_max + 1, (1,), generator=g))
+            seqs.append(prompt + torch.randint(3, 32000, (m,), generator=g).tolist())
+            keys.append(i)
+    return seqs, keys
 
 
 def _batches(args, prompts):
@@ -99,7 +112,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
         tokens = sum(len(rows) for rows in batches) * new
         return {"part": part, "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec, "peak_rss_mib": _peak_mib()}
 
-    seqs = _sequences(args)
+    seqs, keys = _sequences(args)
     if part == "ours_score_batched":
         from omegaconf import OmegaConf
 
@@ -115,9 +128,9 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
             "batch_size": args.rm_batch,
         })
         rm = build_reward(block)
-        rm.score_ids(seqs[: args.rm_batch])  # warm-up
+        rm.score_ids(seqs[: args.rm_batch], groups=keys[: args.rm_batch])  # warm-up
         t0 = time.perf_counter()
-        scores = rm.score_ids(seqs)
+        scores = rm.score_ids(seqs, groups=keys)
     else:
         from transformers import LlamaForSequenceClassification
 
@@ -160,12 +173,17 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompt-min", type=int, default=16)
     p.add_argument("--prompt-max", type=int, default=96)
-    p.add_argument("--rm-sequences", type=int, default=32)
+    p.add_argument("--rm-prompts", type=int, default=8, help="prompts scored, k responses each")
     p.add_argument("--rm-batch", type=int, default=8)
-    p.add_argument("--rm-min", type=int, default=64)
-    p.add_argument("--rm-max", type=int, default=256)
+    p.add_argument("--rm-prompt-min", type=int, default=24)
+    p.add_argument("--rm-prompt-max", type=int, default=120)
+    p.add_argument("--rm-response-min", type=int, default=48)
+    p.add_argument("--rm-response-max", type=int, default=240)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "results" / "_work"))
+    p.add_argument("--repeats", type=int, default=3, help="runs of each part, alternating; the median is reported")
+    p.add_argument("--parts", nargs="+", choices=("generate", "score"), default=["generate", "score"],
+                   help="which comparisons to run (default both)")
     p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     wd = Path(args.workdir)
@@ -181,23 +199,37 @@ def main() -> None:
                     f"import make_reward_model; from pathlib import Path; make_reward_model(Path({str(rm_dir)!r}), {args.shape!r})"],
                    check=True, cwd=REPO)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    results = {}
-    for part in PARTS:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part], check=True, cwd=REPO, env=env,
-                             capture_output=True, text=True).stdout
-        results[part] = json.loads(out.strip().splitlines()[-1])
-        print(json.dumps(results[part]))
-    g, hg = results["ours_generate"], results["hf_generate"]
-    s, hs = results["ours_score_batched"], results["hf_score_one_at_a_time"]
+    runs = {}
+    # the parts alternate, --repeats times: on a shared machine a load that comes and goes then
+    # falls on both sides of a ratio; each side's median is reported
+    for _ in range(args.repeats):
+        for part in PARTS:
+            if part.split("_")[1] not in args.parts:
+                continue
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part], check=True, cwd=REPO, env=env,
+                                 capture_output=True, text=True).stdout
+            runs.setdefault(part, []).append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(runs[part][-1]), flush=True)
+    results = {part: dict(sorted(rs, key=lambda r: r["tokens_per_second"])[len(rs) // 2],
+                          all_tokens_per_second=[round(r["tokens_per_second"], 1) for r in rs],
+                          peak_rss_mib=max(r["peak_rss_mib"] for r in rs)) for part, rs in runs.items()}
     print(f"\n{args.shape} shape, {args.threads} threads; {args.prompts} prompts x k={args.k}, {args.batch} prompts "
           f"({args.batch * args.k} rows) per batch, {args.max_new_tokens} new tokens, prompts {args.prompt_min}-{args.prompt_max} tokens")
-    print("| measurement | tokens/s | peak RSS (MiB) |\n| --- | --- | --- |")
-    for name, r in (("prefopt.generation.generate_batch", g), ("transformers generate (KV cache)", hg),
-                    (f"prefopt.reward, batches of {args.rm_batch}", s), ("transformers, one sequence at a time", hs)):
-        print(f"| {name} | {r['tokens_per_second']:.1f} | {r['peak_rss_mib']:.0f} |")
-    print(f"\ngeneration: {g['tokens_per_second'] / hg['tokens_per_second']:.2f}x transformers; "
-          f"scoring: {s['tokens_per_second'] / hs['tokens_per_second']:.2f}x one at a time "
-          f"({args.rm_sequences} sequences of {args.rm_min}-{args.rm_max} tokens)")
+    names = {"ours_generate": "prefopt.generation.generate_batch", "hf_generate": "transformers generate (KV cache)",
+             "ours_score_batched": f"prefopt.reward, a prompt's k responses in one row, forwards of {args.rm_batch}",
+             "hf_score_one_at_a_time": "transformers, one sequence at a time"}
+    print("| measurement | tokens/s (median) | all runs | peak RSS (MiB) |\n| --- | --- | --- | --- |")
+    for part, r in results.items():
+        print(f"| {names[part]} | {r['tokens_per_second']:.1f} | {r['all_tokens_per_second']} | {r['peak_rss_mib']:.0f} |")
+    if "generate" in args.parts:
+        g, hg = results["ours_generate"], results["hf_generate"]
+        print(f"\ngeneration: {g['tokens_per_second'] / hg['tokens_per_second']:.2f}x transformers")
+    if "score" in args.parts:
+        s, hs = results["ours_score_batched"], results["hf_score_one_at_a_time"]
+        diff = max(abs(a - b) for a, b in zip(s["scores_head"], hs["scores_head"]))
+        print(f"scoring: {s['tokens_per_second'] / hs['tokens_per_second']:.2f}x one at a time "
+              f"({args.rm_prompts} prompts of {args.rm_prompt_min}-{args.rm_prompt_max} tokens x k={args.k} responses of "
+              f"{args.rm_response_min}-{args.rm_response_max} tokens; first scores differ by {diff:.1e})")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torchtune.data import Message
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
-from torchtune.modules import local_kv_cache
+from torchtune.modules import KVCache, local_kv_cache
 
 __all__ = [
     "Generation",
@@ -213,20 +213,34 @@ def stop_token_ids(tokenizer, extra: Sequence = ()) -> List[int]:
 @contextmanager
 def output_at_one_position(model: nn.Module, index: Optional[torch.Tensor] = None) -> Iterator[None]:
     """The model's output layer applied at one position per row only (the last, or ``index``
-    ``[b]``), through its own ``unembed`` (so a final norm, soft-capping or a classifier head
-    apply as they are): the forward returns ``[b, 1, out]``, not ``[b, s, out]``."""
+    ``[b]``), or at ``m`` positions per row (``index`` ``[b, m]``), through its own ``unembed``
+    (so a final norm, soft-capping or a classifier head apply as they are): the forward returns
+    ``[b, 1, out]`` (``[b, m, out]``), not ``[b, s, out]``."""
     orig = model.unembed
 
     def unembed(h: torch.Tensor) -> torch.Tensor:
         if index is None:
             return orig(h[:, -1:])
-        return orig(h[torch.arange(h.size(0), device=h.device), index.to(h.device)].unsqueeze(1))
+        rows = torch.arange(h.size(0), device=h.device)
+        if index.dim() == 2:
+            return orig(h[rows[:, None], index.to(h.device)])
+        return orig(h[rows, index.to(h.device)].unsqueeze(1))
 
     model.unembed = unembed  # an instance attribute shadows the method
     try:
         yield
     finally:
         del model.unembed
+
+
+def _repeat_caches(model: nn.Module, index: torch.Tensor) -> None:
+    """Every KV cache of ``model`` with its batch rows taken by ``index`` ``[rows]`` (a row of
+    the prefill batch per generated row); their fill position is kept."""
+    for cache in model.modules():
+        if isinstance(cache, KVCache):
+            cache.k_cache = cache.k_cache.index_select(0, index)
+            cache.v_cache = cache.v_cache.index_select(0, index)
+            cache.batch_size = index.numel()
 
 
 @torch.inference_mode()
@@ -243,13 +257,16 @@ def generate_batch(
     pad_id: int = 0,
     device: torch.device = torch.device("cpu"),
     cache_dtype: Optional[torch.dtype] = None,
+    decode: Optional[Callable[..., torch.Tensor]] = None,
 ) -> List[Generation]:
     """Sample one response per row: ``prompts[i]`` continued with a generator seeded by ``seeds[i]``.
 
     Rows are left-padded to the longest prompt; the model gets torchtune's causal mask of the
-    padded batch and right-shifted positions, so a padded row computes what it would alone. KV
-    caches of ``longest prompt + max_new_tokens`` are set up for the batch and deleted after.
-    The loop ends when every row has produced a stop token or ``max_new_tokens`` tokens.
+    padded batch and right-shifted positions, so a padded row computes what it would alone. Rows
+    with the same prompt (the k samples of one prompt) share its prefill: each distinct prompt
+    is run once and its KV cache copied to its rows, which then decode apart. KV caches of
+    ``longest prompt + max_new_tokens`` are set up for the batch and deleted after. The loop
+    ends when every row has produced a stop token or ``max_new_tokens`` tokens.
 
     Args:
         model: a torchtune ``TransformerDecoder`` without caches set up (``num_output_chunks == 0``).
@@ -261,6 +278,10 @@ def generate_batch(
         pad_id (int): the id fed at padded positions (masked out: its value does not matter).
         device: where the model is.
         cache_dtype: dtype of the KV caches (default: the model's).
+        decode: what runs each one-token step, called as the model is (default: ``model``),
+            e.g. ``torch.compile(model)``: the steps after the prefill are most of the time,
+            have one shape per batch, and run the model as it is (the prefill, with its
+            one-position output layer, stays eager).
 
     Returns:
         List[Generation]: one per row, in order.
@@ -287,12 +308,18 @@ def generate_batch(
         )
     cache_dtype = cache_dtype or next(model.parameters()).dtype
 
-    tokens = torch.full((rows, longest), pad_id, dtype=torch.long)
-    real = torch.zeros((rows, total), dtype=torch.bool)
-    for i, p in enumerate(prompts):
+    # each distinct prompt once: row i decodes from distinct prompt source[i]'s prefill
+    distinct: dict = {}
+    source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    firsts = list(distinct)
+    tokens = torch.full((len(firsts), longest), pad_id, dtype=torch.long)
+    real_first = torch.zeros((len(firsts), total), dtype=torch.bool)
+    for i, p in enumerate(firsts):
         tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-        real[i, longest - len(p):] = True  # the prompt's tokens and every generated position
-    tokens, real = tokens.to(device), real.to(device)
+        real_first[i, longest - len(p):] = True  # the prompt's tokens and every generated position
+    source_t = torch.tensor(source, dtype=torch.long, device=device)
+    tokens, real_first = tokens.to(device), real_first.to(device)
+    real = real_first.index_select(0, source_t)  # [rows, total]
     input_pos = get_position_ids_from_padding_mask(real)  # [rows, total]
     positions = torch.arange(total, device=device)
 
@@ -310,13 +337,17 @@ def generate_batch(
     out = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     ended_at = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    step = decode or model
     was_training = model.training
     model.eval()
     try:
-        with local_kv_cache(model, batch_size=rows, device=device, dtype=cache_dtype, decoder_max_seq_len=total), \
-                output_at_one_position(model):
-            mask = get_causal_mask_from_padding_mask(real[:, :longest], target_seq_len=total)
-            logits = model(tokens, input_pos=input_pos[:, :longest], mask=mask)
+        with local_kv_cache(model, batch_size=len(firsts), device=device, dtype=cache_dtype, decoder_max_seq_len=total):
+            mask = get_causal_mask_from_padding_mask(real_first[:, :longest], target_seq_len=total)
+            with output_at_one_position(model):
+                logits = model(tokens, input_pos=get_position_ids_from_padding_mask(real_first)[:, :longest], mask=mask)
+            if len(firsts) < rows:
+                logits = logits.index_select(0, source_t)
+                _repeat_caches(model, source_t)
             for t in range(max_new_tokens):
                 nxt = next_tokens(logits)
                 out[:, t] = nxt
@@ -327,7 +358,7 @@ def generate_batch(
                     break
                 pos = longest + t  # the new token's position in the padded batch
                 mask = (real & (positions <= pos))[:, None, :]  # [rows, 1, total]
-                logits = model(nxt[:, None], input_pos=input_pos[:, pos:pos + 1], mask=mask)
+                logits = step(nxt[:, None], input_pos=input_pos[:, pos:pos + 1], mask=mask)  # [rows, 1, vocab]
     finally:
         model.train(was_training)
     out, ended_at, stopped = out.tolist(), ended_at.tolist(), stopped.tolist()

@@ -51,6 +51,7 @@ __all__ = [
     "well_formed",
     "TINY_TOPICS",
     "reward_settings",
+    "shared_prefix_layout",
 ]
 
 
@@ -70,7 +71,7 @@ class Reward:
 
     def __init__(self) -> None:
         self.items = 0
-        self.tokens = 0  # tokens run through a reward model (0 for a callable)
+        self.tokens = 0  # tokens of the conversations a reward model scored (0 for a callable)
         self.seconds = 0.0
 
     def score(self, prompts: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str]) -> List[float]:
@@ -137,26 +138,51 @@ class RewardModel(Reward):
         return ids
 
     @torch.inference_mode()
-    def score_ids(self, sequences: Sequence[Sequence[int]]) -> List[float]:
+    def score_ids(self, sequences: Sequence[Sequence[int]], groups: Optional[Sequence[Any]] = None) -> List[float]:
         """The score of each token sequence: the output at its last token.
 
-        Sequences are sorted by length and scored ``batch_size`` at a time, right-padded: with a
-        causal mask a token never sees the padding after it, so no mask is needed and a padded
-        row scores what it would alone. Only the last real position goes through the head.
+        Without ``groups``, sequences are sorted by length and scored ``batch_size`` at a time,
+        right-padded: with a causal mask a token never sees the padding after it, so no mask is
+        needed and a padded row scores what it would alone.
+
+        With ``groups`` (a key per sequence, e.g. its prompt), the sequences of a group are laid
+        out in one row as their common token prefix once, then each one's remaining tokens
+        (:func:`shared_prefix_layout`): the prompt of k responses is computed once, not k times.
+        A row's mask lets each response see the prefix and itself only, and its positions
+        continue the prefix's, so each scores what it would alone (to float rounding). Forwards
+        hold whole groups of up to ``batch_size`` sequences (a larger group alone). Models whose
+        attention takes no arbitrary mask (:func:`prefopt.packing.packing_unsupported_reason`)
+        are scored without it.
+
+        Only the scored positions go through the head.
 
         Raises:
-            ValueError: an empty sequence, or one longer than the model's ``max_seq_len``.
+            ValueError: an empty sequence, one longer than the model's ``max_seq_len``, or
+                ``len(groups) != len(sequences)``.
         """
+        lens = [len(s) for s in sequences]
+        limit = self.model.max_seq_len
+        if lens and (min(lens) == 0 or max(lens) > limit):
+            raise ValueError(f"a conversation of {max(lens) if min(lens) else 0} tokens: the reward model scores 1..{limit} tokens")
+        if groups is not None and len(groups) != len(sequences):
+            raise ValueError(f"{len(groups)} group keys for {len(sequences)} sequences")
+        t0 = time.perf_counter()
+        if groups is not None and self._shares_prefixes:
+            scores = self._score_shared(sequences, groups)
+        else:
+            scores = self._score_padded(sequences)
+        self.tokens += sum(lens)
+        self.seconds += time.perf_counter() - t0
+        self.items += len(sequences)
+        return scores
+
+    def _score_padded(self, sequences: Sequence[Sequence[int]]) -> List[float]:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         scores: List[float] = [0.0] * len(sequences)
-        limit = self.model.max_seq_len
         pad = getattr(self.tokenizer, "pad_id", 0) or 0
-        t0 = time.perf_counter()
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             lens = [len(sequences[i]) for i in idx]
-            if min(lens) == 0 or max(lens) > limit:
-                raise ValueError(f"a conversation of {max(lens) if max(lens) else 0} tokens: the reward model scores 1..{limit} tokens")
             batch = torch.full((len(idx), max(lens)), pad, dtype=torch.long)
             for r, i in enumerate(idx):
                 batch[r, :lens[r]] = torch.tensor(sequences[i], dtype=torch.long)
@@ -165,13 +191,94 @@ class RewardModel(Reward):
                 out = self.model(batch.to(self.device))  # [b, 1, 1]
             for r, v in zip(idx, out[:, 0, 0].float().tolist()):
                 scores[r] = v
-            self.tokens += sum(lens)
-        self.seconds += time.perf_counter() - t0
-        self.items += len(sequences)
         return scores
 
+    def _score_shared(self, sequences: Sequence[Sequence[int]], groups: Sequence[Any]) -> List[float]:
+        members: Dict[Any, List[int]] = {}
+        for i, key in enumerate(groups):
+            members.setdefault(key, []).append(i)
+        units = [(idx, shared_prefix_layout([sequences[i] for i in idx])) for idx in members.values()]
+        units.sort(key=lambda u: u[1][0].numel())
+        scores: List[float] = [0.0] * len(sequences)
+        pad = getattr(self.tokenizer, "pad_id", 0) or 0
+        start = 0
+        while start < len(units):  # whole groups, up to batch_size sequences a forward
+            end, count = start + 1, len(units[start][0])
+            while end < len(units) and count + len(units[end][0]) <= self.batch_size:
+                count += len(units[end][0])
+                end += 1
+            batch = units[start:end]
+            width = max(u[1][0].numel() for u in batch)
+            most = max(len(u[0]) for u in batch)
+            tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+            positions = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)  # padding sees itself only
+            last = torch.zeros((len(batch), most), dtype=torch.long)
+            for r, (_, (ids, pos, m, ends)) in enumerate(batch):
+                n = ids.numel()
+                tokens[r, :n], positions[r, :n], mask[r, :n, :n] = ids, pos, m
+                last[r, :ends.numel()] = ends
+            with output_at_one_position(self.model, last.to(self.device)):
+                out = self.model(tokens.to(self.device), mask=mask.to(self.device),
+                                 input_pos=positions.to(self.device))  # [b, most, 1]
+            values = out[..., 0].float().tolist()
+            for r, (idx, _) in enumerate(batch):
+                for j, i in enumerate(idx):
+                    scores[i] = values[r][j]
+            start = end
+        return scores
+
+    @functools.cached_property
+    def _shares_prefixes(self) -> bool:
+        from prefopt.packing import packing_unsupported_reason
+
+        return packing_unsupported_reason(self.model) is None
+
     def score(self, prompts, responses) -> List[float]:
-        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)])
+        # a prompt's responses share its tokens up to the response: computed once (score_ids' groups)
+        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)],
+                              groups=[json.dumps(p, sort_keys=True) for p in prompts])
+
+
+def shared_prefix_layout(sequences: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row holding ``sequences``: their common token prefix once (each keeps at least its
+    last token of its own), then what each has after it, in order. Pure.
+
+    Returns:
+        (ids ``[n]``, positions ``[n]`` (each sequence's own: the prefix's, then continuing from
+        it), mask ``[n, n]`` bool (True: may attend; causal within the prefix and within each
+        sequence's own part, which also sees the whole prefix, never another's part), ends ``[k]``
+        (the index in the row of each sequence's last token)).
+
+    Raises:
+        ValueError: no sequences, or an empty one.
+    """
+    if not sequences or min(map(len, sequences)) == 0:
+        raise ValueError("shared_prefix_layout needs one or more non-empty sequences")
+    first = sequences[0]
+    p = min(map(len, sequences)) - 1  # every sequence keeps its last token in its own part
+    for i in range(p):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            p = i
+            break
+    n = p + sum(len(s) - p for s in sequences)
+    ids = torch.empty(n, dtype=torch.long)
+    positions = torch.empty(n, dtype=torch.long)
+    mask = torch.zeros((n, n), dtype=torch.bool)
+    ids[:p] = torch.tensor(list(first[:p]), dtype=torch.long)
+    positions[:p] = torch.arange(p)
+    mask[:p, :p] = torch.ones((p, p), dtype=torch.bool).tril()
+    ends = []
+    at = p
+    for s in sequences:
+        m = len(s) - p
+        ids[at:at + m] = torch.tensor(list(s[p:]), dtype=torch.long)
+        positions[at:at + m] = torch.arange(p, p + m)
+        mask[at:at + m, :p] = True
+        mask[at:at + m, at:at + m] = torch.ones((m, m), dtype=torch.bool).tril()
+        at += m
+        ends.append(at - 1)
+    return ids, positions, mask, torch.tensor(ends, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------------

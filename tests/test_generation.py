@@ -95,6 +95,37 @@ def test_samples_do_not_depend_on_the_batch(tiny_model, tiny_tokenizer):
     assert all(0 < len(g.tokens) <= 12 for g in together)
 
 
+def test_rows_of_one_prompt_share_its_prefill(tiny_model, tiny_tokenizer):
+    # k rows per prompt, as the pairs recipe builds them: the prefill runs each distinct prompt
+    # once (a forward of 2 rows, not 6), and every row samples what it samples alone
+    prompts = [prompt_ids(tiny_tokenizer, [{"role": "user", "content": t}]) for t in ("Hi", "Describe a trip in one line.")]
+    rows = [p for p in prompts for _ in range(3)]
+    kw = dict(max_new_tokens=10, temperature=0.8, top_p=0.95, stop_tokens=stop_token_ids(tiny_tokenizer))
+    widths = []
+    hook = tiny_model.tok_embeddings.register_forward_hook(lambda mod, args, out: widths.append(tuple(args[0].shape)))
+    try:
+        shared = generate_batch(tiny_model, rows, seeds=[1, 2, 3, 4, 5, 6], **kw)
+    finally:
+        hook.remove()
+    assert widths[0] == (2, len(prompts[1])) and all(w == (6, 1) for w in widths[1:]), widths[:3]
+    alone = [generate_batch(tiny_model, [r], seeds=[s], **kw)[0] for r, s in zip(rows, [1, 2, 3, 4, 5, 6])]
+    assert shared == alone
+    assert len({tuple(g.tokens) for g in shared[:3]}) > 1  # the rows of one prompt decode apart
+
+
+def test_decode_runs_the_one_token_steps(tiny_model):
+    # e.g. torch.compile(model): called for every step after the prefill, with one token per row
+    calls = []
+
+    def decode(tokens, **kw):
+        calls.append(tuple(tokens.shape))
+        return tiny_model(tokens, **kw)
+
+    plain = generate_batch(tiny_model, [[1, 5, 6], [1, 7]], seeds=[0, 1], max_new_tokens=5, temperature=0.0)
+    via = generate_batch(tiny_model, [[1, 5, 6], [1, 7]], seeds=[0, 1], max_new_tokens=5, temperature=0.0, decode=decode)
+    assert via == plain and calls == [(2, 1)] * 4
+
+
 def test_stop_tokens_end_a_row(tiny_model):
     greedy = generate_batch(tiny_model, [[1, 5, 6]], seeds=[0], max_new_tokens=6, temperature=0.0)[0]
     assert not greedy.stopped and len(greedy.tokens) == 6
@@ -135,8 +166,9 @@ def test_greedy_equals_transformers_token_for_token(tmp_path):
 
     g = torch.Generator().manual_seed(1)
     prompts = [[1] + torch.randint(3, 256, (n,), generator=g).tolist() for n in (2, 9, 5, 14)]  # padding exercised
+    prompts = [prompts[0], prompts[1], prompts[1], prompts[2], prompts[3], prompts[0]]  # repeats: a shared prefill
     new = 16
-    got = generate_batch(ours, prompts, seeds=[0] * 4, max_new_tokens=new, temperature=0.0, stop_tokens=[2])
+    got = generate_batch(ours, prompts, seeds=[0] * 6, max_new_tokens=new, temperature=0.0, stop_tokens=[2])
     for p, mine in zip(prompts, got):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=new,

@@ -14,6 +14,7 @@ from prefopt.reward import (
     example_rule_reward,
     reward_bound_args,
     reward_head_problem,
+    shared_prefix_layout,
 )
 
 SHAPE = dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128)
@@ -46,6 +47,24 @@ def reward_block(path, tmp_path):
     })
 
 
+def test_shared_prefix_layout_by_hand():
+    # [1 2 3 4] and [1 2 5] share [1 2]; [1 2] alone keeps its last token: the prefix is [1]
+    ids, pos, mask, ends = shared_prefix_layout([[1, 2, 3, 4], [1, 2, 5]])
+    assert ids.tolist() == [1, 2, 3, 4, 5] and pos.tolist() == [0, 1, 2, 3, 2] and ends.tolist() == [3, 4]
+    assert mask.int().tolist() == [[1, 0, 0, 0, 0],
+                                   [1, 1, 0, 0, 0],
+                                   [1, 1, 1, 0, 0],
+                                   [1, 1, 1, 1, 0],
+                                   [1, 1, 0, 0, 1]]
+    ids, pos, mask, ends = shared_prefix_layout([[1, 2, 3], [1, 2]])
+    assert ids.tolist() == [1, 2, 3, 2] and pos.tolist() == [0, 1, 2, 1] and ends.tolist() == [2, 3]
+    assert mask[3].int().tolist() == [1, 0, 0, 1]
+    ids, pos, mask, ends = shared_prefix_layout([[7, 8]])  # one sequence: itself, causal
+    assert ids.tolist() == [7, 8] and ends.tolist() == [1] and mask.int().tolist() == [[1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="non-empty"):
+        shared_prefix_layout([[1], []])
+
+
 @pytest.mark.peer
 def test_reward_model_scores_as_transformers(tmp_path):
     hf = save_hf_classifier(tmp_path / "rm")
@@ -59,6 +78,23 @@ def test_reward_model_scores_as_transformers(tmp_path):
         ref = [hf(torch.tensor([s])).logits[0, 0].item() for s in seqs]
     assert ours == pytest.approx(ref, abs=1e-5)
     assert rm.items == len(seqs) and rm.tokens == sum(map(len, seqs))
+    # k responses of one prompt: its tokens computed once in a row (groups of 4, 1 and 3 rows in
+    # batches of at most 3 sequences: a group of 4 alone), each scored as transformers scores it alone
+    prompts = [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (12, 3, 30)]
+    tails = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (6, 1, 15, 6, 9, 2, 20, 4)]
+    keys = [0, 0, 0, 0, 1, 2, 2, 2]
+    grouped = [prompts[k] + t for k, t in zip(keys, tails)]
+    widths = []
+    hook = rm.model.tok_embeddings.register_forward_hook(lambda mod, args, out: widths.append(tuple(args[0].shape)))
+    try:
+        shared = rm.score_ids(grouped, groups=keys)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        ref = [hf(torch.tensor([s])).logits[0, 0].item() for s in grouped]
+    assert shared == pytest.approx(ref, abs=1e-5)
+    # the 4 responses of prompt 0 in one row of 13 + 6 + 1 + 15 + 6 tokens, not 4 rows of up to 28
+    assert (1, 13 + 6 + 1 + 15 + 6) in widths and sum(a * b for a, b in widths) < sum(map(len, grouped)), widths
     # a whole conversation through the reward model's tokenizer: scored at its last token
     conv = rm.encode([{"role": "user", "content": "Describe a trip."}], "We took the train.")
     assert rm.score([[{"role": "user", "content": "Describe a trip."}]], ["We took the train."]) == pytest.approx(
