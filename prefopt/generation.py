@@ -258,6 +258,7 @@ def generate_batch(
     device: torch.device = torch.device("cpu"),
     cache_dtype: Optional[torch.dtype] = None,
     decode: Optional[Callable[..., torch.Tensor]] = None,
+    cache_len: Optional[int] = None,
 ) -> List[Generation]:
     """Sample one response per row: ``prompts[i]`` continued with a generator seeded by ``seeds[i]``.
 
@@ -282,13 +283,16 @@ def generate_batch(
             e.g. ``torch.compile(model)``: the steps after the prefill are most of the time,
             have one shape per batch, and run the model as it is (the prefill, with its
             one-position output layer, stays eager).
+        cache_len: the KV caches' length (default: longest prompt + ``max_new_tokens``); one
+            length for every batch keeps a compiled ``decode``'s shapes, so it compiles once.
 
     Returns:
         List[Generation]: one per row, in order.
 
     Raises:
-        ValueError: an empty prompt, ``len(seeds) != len(prompts)``, ``max_new_tokens < 1``, or
-            a prompt + ``max_new_tokens`` longer than ``model.max_seq_len``.
+        ValueError: an empty prompt, ``len(seeds) != len(prompts)``, ``max_new_tokens < 1``, a
+            prompt + ``max_new_tokens`` longer than ``model.max_seq_len`` or ``cache_len``, or
+            a ``cache_len`` longer than ``model.max_seq_len``.
     """
     rows = len(prompts)
     if rows == 0:
@@ -306,6 +310,11 @@ def generate_batch(
         raise ValueError(
             f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {total} exceeds the model's max_seq_len={model.max_seq_len}"
         )
+    if cache_len is not None:
+        if not total <= cache_len <= model.max_seq_len:
+            raise ValueError(f"cache_len={cache_len}: must hold the longest prompt ({longest} tokens) + max_new_tokens="
+                             f"{max_new_tokens} and be at most the model's max_seq_len={model.max_seq_len}")
+        total = cache_len  # the caches and masks are this long; the positions after the last token stay unused
     cache_dtype = cache_dtype or next(model.parameters()).dtype
 
     # each distinct prompt once: row i decodes from distinct prompt source[i]'s prefill
@@ -337,7 +346,7 @@ def generate_batch(
     out = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     ended_at = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
-    step = decode or model
+    step = model if decode is None else decode  # (not `or`: a compiled module has no truth value)
     was_training = model.training
     model.eval()
     try:

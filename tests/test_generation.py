@@ -124,6 +124,11 @@ def test_decode_runs_the_one_token_steps(tiny_model):
     plain = generate_batch(tiny_model, [[1, 5, 6], [1, 7]], seeds=[0, 1], max_new_tokens=5, temperature=0.0)
     via = generate_batch(tiny_model, [[1, 5, 6], [1, 7]], seeds=[0, 1], max_new_tokens=5, temperature=0.0, decode=decode)
     assert via == plain and calls == [(2, 1)] * 4
+    # caches of a fixed length (a compiled decode's shapes stay the same): the same tokens
+    fixed = generate_batch(tiny_model, [[1, 5, 6], [1, 7]], seeds=[0, 1], max_new_tokens=5, temperature=0.0, cache_len=64)
+    assert fixed == plain
+    with pytest.raises(ValueError, match="cache_len=7: must hold the longest prompt"):
+        generate_batch(tiny_model, [[1, 5, 6]], seeds=[0], max_new_tokens=5, temperature=0.0, cache_len=7)
 
 
 def test_stop_tokens_end_a_row(tiny_model):

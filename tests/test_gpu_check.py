@@ -16,9 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_dry_run_gives_every_row_with_numbers(tmp_path):
-    from benchmarks.gpu_check import DRY_MATRIX, DRY_VARYING_MATRIX
+    from benchmarks.gpu_check import DRY_DECODE_RUNS, DRY_MATRIX, DRY_VARYING_MATRIX
 
-    runs = {**DRY_VARYING_MATRIX, **DRY_MATRIX}  # the varying-length runs first
+    runs = {**DRY_VARYING_MATRIX, **DRY_MATRIX}  # the varying-length runs first, the decoding line last
 
     out, js = tmp_path / "gpu_check.md", tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -30,7 +30,11 @@ def test_dry_run_gives_every_row_with_numbers(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     rows = json.loads(js.read_text())["rows"]
-    assert [r["name"] for r in rows] == list(runs)
+    assert [r["name"] for r in rows] == [*runs, *DRY_DECODE_RUNS]
+    decode, rows = rows[len(runs):], rows[:len(runs)]
+    for r in decode:  # 2 timed batches of 2 prompts x k = 2 rows x 8 new tokens
+        assert "error" not in r, r
+        assert r["tokens"] == 2 * 4 * 8 and r["tokens_per_s"] > 0 and r["compiles_while_timed"] == 0, r
     for r in rows:
         assert "error" not in r, r
         assert r["steps"] == 2
@@ -55,7 +59,7 @@ def test_dry_run_gives_every_row_with_numbers(tmp_path):
         assert re.fullmatch(r"[0-9.]+", step_s) and re.fullmatch(r"[0-9,]+", tok_s), ln
         assert re.fullmatch(r"[0-9.e+-]+", tflops) and re.fullmatch(r"[0-9.]+ %", mfu), ln
         assert peak == "n/a", ln
-    varying = [ln for ln in lines if ln.startswith("| ") and ln.count("|") == 8 and not ln.startswith("| varying run ")]
+    varying = [ln for ln in lines if ln.startswith("| ") and ln.count("|") == 8 and not ln.startswith(("| varying run ", "| decode"))]
     assert [ln.split("|")[1].strip() for ln in varying] == list(DRY_VARYING_MATRIX)
     text = out.read_text()
     for name in DRY_VARYING_MATRIX:
@@ -63,3 +67,6 @@ def test_dry_run_gives_every_row_with_numbers(tmp_path):
     assert "MFU ≥ 45% for full_eager_packed:" in text  # the target's arithmetic ran on the stand-in row
     assert "6·N·T + 6·d·V·T_s + 12·L·d·S·T" in text  # the formula is stated
     assert text in proc.stdout  # printed too
+    decode_table = [ln for ln in lines if ln.startswith("| decode_")]
+    assert [ln.split("|")[1].strip() for ln in decode_table] == list(DRY_DECODE_RUNS)
+    assert all(re.fullmatch(r"[0-9,]+", ln.split("|")[3].strip()) for ln in decode_table), decode_table
