@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from conftest import REPO, read_log
+from family_standins import frozen_heap  # noqa: F401  (a fixture)
 
 # (config, recipe kind): start-up and one step (the export check of each family and recipe kind:
 # test_family_matrix.CASES)
@@ -38,6 +39,7 @@ ONE_STEP = [
 ]
 # recipes/generate_preference_pairs.py configs: two prompts, a few new tokens
 GENERATE = ["llama3_1/8B_generate_pairs", "gemma2/9B_generate_pairs"]
+pytestmark = pytest.mark.usefixtures("frozen_heap")
 KIND_RECIPE = {"lora": "simpo_lora_single_device", "qlora": "simpo_lora_single_device", "full": "simpo_full_distributed"}
 
 

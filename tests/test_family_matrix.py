@@ -19,9 +19,9 @@ name, those the recipe does not train (Gemma 3's vision tower) unchanged.
 import pytest
 import torch
 from conftest import apply_peft_adapter, next_token_logps
-from family_standins import case_config, checkpoint_tensors, config_recipe, recipe_class
+from family_standins import case_config, checkpoint_tensors, config_recipe, frozen_heap, recipe_class  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("frozen_heap")]
 transformers = pytest.importorskip("transformers")
 
 # (config, recipe kind): one export check per family and recipe kind
