@@ -150,12 +150,26 @@ def row_seed(seed: int, key: str) -> int:
 def prompt_ids(tokenizer, messages: Sequence[dict]) -> List[int]:
     """Token ids of a prompt (a list of ``{"role", "content"}`` messages) as the policy's chat
     template lays it out for generation: the turns, then the assistant's opening (its header),
-    no end tokens (what torchtune's generate recipe does: an empty assistant message and
-    ``add_end_tokens=False``)."""
-    msgs = [Message(role=m["role"], content=m["content"], masked=True) for m in messages]
-    msgs.append(Message(role="assistant", content="", masked=False))
-    ids, _ = tokenizer.tokenize_messages(msgs, add_end_tokens=False)
-    return list(ids)
+    no end tokens: what precedes a response's first token in the training layout.
+
+    The conversation is tokenized with an empty assistant turn and with a one-letter one, both
+    without end tokens (``add_end_tokens=False`` for torchtune's Llama tokenizers, ``add_eos=False``
+    for Gemma's, Mistral's and Qwen's), and cut where the two differ: an end of turn that a
+    template writes after the response (Gemma's ``<end_of_turn>``) is not part of the prompt.
+    """
+    import inspect
+
+    params = inspect.signature(tokenizer.tokenize_messages).parameters
+    end = {"add_end_tokens": False} if "add_end_tokens" in params else {"add_eos": False}
+
+    def ids(response: str) -> List[int]:
+        msgs = [Message(role=m["role"], content=m["content"], masked=True) for m in messages]
+        msgs.append(Message(role="assistant", content=response, masked=False))
+        return list(tokenizer.tokenize_messages(msgs, **end)[0])
+
+    empty, one = ids(""), ids("x")
+    n = next((i for i, (a, b) in enumerate(zip(empty, one)) if a != b), min(len(empty), len(one)))
+    return empty[:n]
 
 
 def check_prompts_fit(prompt_ids: Sequence[List[int]], keys: Sequence[str], max_new_tokens: int, *,

@@ -4,6 +4,7 @@ greedy decoding token for token."""
 
 import pytest
 import torch
+from conftest import REPO
 
 from prefopt.generation import filter_logits, generate_batch, prompt_ids, row_seed, sample_tokens, stop_token_ids
 
@@ -181,3 +182,36 @@ def test_greedy_equals_transformers_token_for_token(tmp_path):
         if 2 in ref:
             ref = ref[:ref.index(2)]
         assert mine.tokens == ref, f"prompt of {len(p)} tokens"
+
+
+@pytest.mark.parametrize("family", ["llama3_1", "qwen2_5", "qwen3", "mistral", "gemma2"])
+def test_prompt_ids_are_the_training_layouts_prompt(tmp_path, family):
+    """The generation prompt of each family's tokenizer (its shipped config's, on a stand-in
+    tokenizer file) is what precedes the response in the training layout: a prefix of the
+    tokenized conversation, ending where the response's first token starts. Before: Gemma's,
+    Mistral's and Qwen's tokenizers have no ``add_end_tokens`` (TypeError at the generation
+    recipes' start-up: configs/gemma2/9B_generate_pairs.yaml could not run), and an empty
+    assistant turn would end a Gemma prompt with the template's ``<end_of_turn>``."""
+    from family_standins import write_tokenizer
+    from omegaconf import OmegaConf
+    from torchtune import config
+    from torchtune.data import Message
+
+    import prefopt  # noqa: F401
+
+    name = {"llama3_1": "llama3_1/8B_simpo_lora_single_device", "qwen2_5": "qwen2_5/7B_simpo_lora_single_device",
+            "qwen3": "qwen3/8B_simpo_lora_single_device", "mistral": "mistral/7B_simpo_lora_single_device",
+            "gemma2": "gemma2/9B_simpo_lora_single_device"}[family]
+    node = OmegaConf.load(REPO / "configs" / f"{name}.yaml").tokenizer
+    folder = str(node.path).rsplit("/", 2)[0] if family == "llama3_1" else str(node.path).rsplit("/", 1)[0]
+    node = OmegaConf.create(OmegaConf.to_yaml(node).replace(folder, str(tmp_path)))
+    write_tokenizer(node.path, family, tmp_path)
+    tok = config.instantiate(node)
+    question, answer = "Describe a busy day in one line.", "The market was full of people."
+    prompt = prompt_ids(tok, [{"role": "user", "content": question}])
+    full, mask = tok.tokenize_messages([Message(role="user", content=question, masked=True),
+                                        Message(role="assistant", content=answer, masked=False)])
+    rest = full[len(prompt):]
+    assert full[:len(prompt)] == prompt, (tok.decode(prompt), tok.decode(full))
+    assert tok.decode(rest).lstrip().startswith(answer), tok.decode(rest)  # the response starts right there
+    assert mask.index(False) <= len(prompt) and all(mask[:mask.index(False)])  # the turns before are masked

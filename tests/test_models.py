@@ -53,6 +53,11 @@ HUB_CONFIGS = {
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
                        max_position_embeddings=32768),
+    # mistralai/Mistral-7B-v0.1 (the ORPO config's base model): RoPE θ 1e4, a 4096-token sliding window
+    "mistral/7B-v0.1": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                            rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False,
+                            max_position_embeddings=32768),
     # google/gemma-2-9b-it (no tie_word_embeddings key: Gemma2Config's default, True)
     "gemma2/9B": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
@@ -89,10 +94,17 @@ HUB_CONFIGS = {
                              num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
 }
 REAL_CONFIGS = sorted(p for p in (REPO / "configs").glob("*/*.yaml") if p.parent.name != "tiny")
+# configs whose checkpoint is not their family's model of that size in HUB_CONFIGS: its own entry
+CONFIG_CHECKPOINTS = {"mistral/7B_orpo_lora_single_device": "mistral/7B-v0.1"}
+
+
+def hub_key(family: str, stem: str) -> str:
+    """The HUB_CONFIGS key of configs/<family>/<stem>.yaml's checkpoint (its header's download)."""
+    return CONFIG_CHECKPOINTS.get(f"{family}/{stem}", f"{family}/{stem.split('_')[0]}")
 
 
 def _hub_config(path) -> dict:
-    key = f"{path.parent.name}/{path.name.split('_')[0]}"
+    key = hub_key(path.parent.name, path.stem)
     assert key in HUB_CONFIGS, f"add the checkpoint config.json fields of {path} to HUB_CONFIGS"
     return HUB_CONFIGS[key]
 

@@ -292,5 +292,5 @@ def check_model_matches_checkpoint(model: nn.Module, model_cfg: Any, checkpointe
         f"the configured model is not the checkpoint's model ({Path(checkpoint_dir) / 'config.json'}); "
         "it would train a different model on these weights:\n  " + "\n  ".join(lines)
         + "\nUse the model builder made for this checkpoint (model._component_, or its arguments): e.g. "
-        "prefopt.models.mistral.lora_mistral_7b_v02 for Mistral 7B v0.2, prefopt.models.gemma2.* for Gemma 2, prefopt.models.qwen3.* / gemma3.* for Qwen3 / Gemma 3."
+        "prefopt.models.mistral.lora_mistral_7b_v02 for Mistral 7B v0.2 (_v01 for v0.1), prefopt.models.gemma2.* for Gemma 2, prefopt.models.qwen3.* / gemma3.* for Qwen3 / Gemma 3."
     )
