@@ -62,6 +62,8 @@ CONFIG_SPEC = {
     "min_score_gap": Key(float, default=0.0, check=non_negative, doc="drop a prompt whose best - worst score is below this"),
     "device": Key(str, default="cpu"),
     "dtype": Key(str, default="fp32", check=one_of("fp32", "bf16")),
+    "compile": Key(bool, default=False, doc="torch.compile the one-token decode steps (KV caches of one length: "
+                                            "the longest prompt + max_new_tokens)"),
     "metric_logger": Key(component=True, default=None),
     "overwrite_output_dir": Key(bool, default=False, doc="delete another config's progress in output_dir and start clean"),
 }
@@ -193,6 +195,10 @@ class GeneratePairsRecipe:
             raise ValueError(f"extra_stop_tokens: {e}") from None
         self._check_prompts_fit()
         self._model = self._setup_model()
+        # the decode steps are most of the time; compiled once: every batch's caches are as long
+        # as the longest prompt's needs (the prefill, one shape per batch, stays eager)
+        self._decode = torch.compile(self._model) if v["compile"] else None
+        self._cache_len = max(map(len, self._prompt_ids)) + v["max_new_tokens"] if v["compile"] else None
         self._reward = build_reward(v["reward"], device=self._device, dtype=self._dtype)
         self._check_reward_fits()
         if self._rank == 0:  # after every start-up check: an existing output_dir is untouched until here
@@ -327,7 +333,7 @@ class GeneratePairsRecipe:
             gens = generate_batch(
                 self._model, rows, seeds=seeds, max_new_tokens=v["max_new_tokens"], temperature=v["temperature"],
                 top_k=v["top_k"], top_p=v["top_p"], stop_tokens=self._stop, pad_id=getattr(self._tokenizer, "pad_id", 0) or 0,
-                device=self._device, cache_dtype=self._dtype,
+                device=self._device, cache_dtype=self._dtype, decode=self._decode, cache_len=self._cache_len,
             )
             gen_seconds += time.perf_counter() - t0
             gen_tokens += sum(g.num_generated for g in gens)
