@@ -54,6 +54,17 @@ TIMES = ["this morning", "last week", "yesterday", "at noon", "before dinner", "
 PROMPTS = ["Write one sentence about {t}.", "Tell me something about {t}.", "Describe {t} in one line.",
            "Say a short sentence about {t}."]
 TOPICS = ["the weekend", "a small town", "a busy day", "the family", "a trip", "the house", "an afternoon", "the summer"]
+# Held-out prompts for judging generations: the same topics asked in wordings no training pair
+# uses, so that a judged gain is not one on prompts the policy was trained on
+HELDOUT_PROMPTS = ["Write a short line about {t}.", "Tell me one thing about {t}.", "Describe {t} in one sentence.",
+                   "Say something about {t}."]
+
+
+def write_heldout_prompts() -> None:
+    """heldout_prompts.jsonl: every topic in every held-out wording (format ``prompts``)."""
+    rows = [{"prompt": w.format(t=t)} for t in TOPICS for w in HELDOUT_PROMPTS]
+    assert not {r["prompt"] for r in rows} & {w.format(t=t) for t in TOPICS for w in PROMPTS}
+    (OUT / "heldout_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def make_pairs(rng: random.Random):
@@ -86,6 +97,7 @@ def main() -> None:
     train, held_out = make_pairs(random.Random(SEED))
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
         (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_heldout_prompts()
     # Trained from an iterator into memory: a file-based run records its input/output paths in
     # the model, so the bytes would depend on where the repo is checked out. Identity
     # normalization (as Llama-2's) also keeps the file small.

@@ -14,9 +14,9 @@
 # 4. the judge (configs/tiny/judge.yaml) on the held-out prompts: warmed-up start vs SimPO model,
 #    greedy and sampled; the table is printed and written to OUTPUT_DIR/judge/judge.txt.
 #
-# Measured (2 shared CPU cores, 187 s): 268 pairs; greedy mean reward 1.271 -> 1.490 (win rate
-# 0.61, length 23.0 -> 22.4 tokens, share of answers fitting the topic 0.28 -> 0.50); sampled
-# 1.168 -> 1.169 (no gain); nothing degenerate.
+# Measured (2 shared CPU cores, 191 s): 268 pairs; on the held-out prompts greedy mean reward
+# 1.215 -> 1.283 (win rate 0.39: not a clear gain), length 23.8 -> 22.7 tokens; on the training
+# prompts 1.271 -> 1.356 (win rate 0.52); nothing degenerate (README: the figures and caveats).
 #
 # Every step is a `tune run` of a recipe and a config a user can copy; extra `key=value` settings
 # go through the environment: SFT_ARGS, PAIRS_ARGS, SIMPO_ARGS, JUDGE_ARGS (space-separated).
