@@ -94,13 +94,26 @@ def _dataset_problems(where: str, block: Any, model_len: Optional[int], model_gi
             except ValueError as e:
                 problems.append(f"{where}.{e}")
     n = block.get("max_seq_len")
+    model = f"model.max_seq_len={model_len}" if model_given else f"the model's max_seq_len ({model_len}, its builder's default)"
     if model_len is not None and isinstance(n, int) and not isinstance(n, bool) and n > model_len:
-        model = f"model.max_seq_len={model_len}" if model_given else f"the model's max_seq_len ({model_len}, its builder's default)"
         problems.append(
             f"{where}.max_seq_len: {n} is larger than {model}: a pair longer than {model_len} tokens would crash "
             f"the run at the step that reaches it; set {where}.max_seq_len to at most {model_len}"
         )
+    elif model_len is not None and n is None and _truncates(block):
+        # null is "never truncate": the first pair longer than the model's positions ends the run mid-way
+        problems.append(
+            f"{where}.max_seq_len: {'null' if 'max_seq_len' in block else 'not set'} (pairs are never truncated), but "
+            f"the model has {model}: a pair longer than {model_len} tokens would crash the run at the step that "
+            f"reaches it; set {where}.max_seq_len to at most {model_len}"
+        )
     return problems
+
+
+def _truncates(block: Any) -> bool:
+    """Whether a data set block builds a prefopt preference data set (whose ``max_seq_len`` is
+    the truncation length); another builder's keys are its own."""
+    return str(block.get("_component_", "")).startswith("prefopt.data")
 
 
 def component_problems(values: Mapping[str, Any]) -> List[str]:

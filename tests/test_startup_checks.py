@@ -135,6 +135,15 @@ def test_loss_data_and_max_seq_len_problems_in_the_one_startup_error(tmp_path, w
     msg = str(e.value)
     assert f"  - eval_dataset.data_files: {empty} is a folder with no .json/.jsonl/.ndjson file for source 'json'" in msg
     assert "  - eval_dataset.max_seq_len: 300 is larger than model.max_seq_len=256" in msg
+
+    # null: never truncate, so a long pair would end the run mid-way
+    cfg = _cfg(which, out, "dataset.max_seq_len=null")
+    with pytest.raises(ConfigError) as e:
+        _build(which, cfg)
+    assert ("  - dataset.max_seq_len: null (pairs are never truncated), but the model has model.max_seq_len=256: a pair "
+            "longer than 256 tokens would crash the run at the step that reaches it; set dataset.max_seq_len to at most 256"
+            ) in str(e.value).splitlines(), str(e.value)
+    assert not out.exists()
     assert not out.exists()
 
 
