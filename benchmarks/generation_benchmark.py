@@ -7,7 +7,9 @@ prefopt.reward's batched scoring against princeton's one-at-a-time scoring (a be
 Same random Llama (benchmarks/_make_model.py's shapes; ``decoder`` is the 134M decoder-heavy one),
 same prompts (random token ids of mixed lengths, left-padded), same k, max_new_tokens and batch
 on both sides; sampling at princeton's settings (temperature 0.8, top_p 0.95) and no stop token,
-so every row produces exactly max_new_tokens tokens on both sides. Scoring: a one-output
+so every row produces exactly max_new_tokens tokens on both sides (``--stop-ids N``: the last N
+vocabulary ids end a response on both sides, so responses vary in length as real ones do; tokens
+are then counted up to each row's stop token, the same way on both sides). Scoring: a one-output
 ``LlamaForSequenceClassification`` of the same shape scores what the pairs recipe scores, k
 responses per prompt (``--rm-prompts`` prompts of ``--rm-prompt-min..max`` tokens, each with k
 responses of ``--rm-response-min..max`` tokens; uniform lengths, a prompt about half as long as a
@@ -74,6 +76,10 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
     shape = SHAPES[args.shape]
     prompts = _prompts(args)
     new = args.max_new_tokens
+    # --stop-ids N: the last N ids of the vocabulary end a response on both sides (responses of
+    # varying length); 0: every row runs to max_new_tokens
+    stops = list(range(shape["vocab_size"] - args.stop_ids, shape["vocab_size"])) if args.stop_ids else []
+    stop_set = set(stops)
     if part == "ours_generate":
         from torchtune.models.llama2 import llama2
         from torchtune.training import FullModelHFCheckpointer
@@ -87,29 +93,33 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
         model.eval()
 
         def gen(rows):
-            out = generate_batch(model, rows, seeds=list(range(len(rows))), max_new_tokens=new, temperature=0.8, top_p=0.95)
-            assert all(len(o.tokens) == new for o in out)
+            out = generate_batch(model, rows, seeds=list(range(len(rows))), max_new_tokens=new, temperature=0.8, top_p=0.95,
+                                 stop_tokens=stops)
+            assert stops or all(len(o.tokens) == new for o in out)
+            return sum(o.num_generated for o in out)
     elif part == "hf_generate":
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        torch.manual_seed(0)  # transformers samples from the global generator: the same draws every run
 
         def gen(rows):
             longest = max(map(len, rows))
             ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+            ends = dict(eos_token_id=stops) if stops else dict(min_new_tokens=new)
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=0.95, top_k=0,
-                                     max_new_tokens=new, min_new_tokens=new, pad_token_id=0, use_cache=True)
-            assert out.shape[1] == longest + new
+                                     max_new_tokens=new, pad_token_id=0, use_cache=True, **ends)
+            made = out[:, longest:].tolist()
+            # tokens generated per row: up to its first stop token (included), as counted on our side
+            return sum(next((i + 1 for i, x in enumerate(r) if x in stop_set), len(r)) for r in made)
     if part in ("ours_generate", "hf_generate"):
         batches = list(_batches(args, prompts))
         gen(batches[0])  # warm-up
         t0 = time.perf_counter()
-        for rows in batches:
-            gen(rows)
+        tokens = sum(gen(rows) for rows in batches)
         sec = time.perf_counter() - t0
-        tokens = sum(len(rows) for rows in batches) * new
         return {"part": part, "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec, "peak_rss_mib": _peak_mib()}
 
     seqs, keys = _sequences(args)
@@ -171,6 +181,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, default=2, help="prompts per batch (k rows each)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--stop-ids", type=int, default=0,
+                   help="the last N vocabulary ids end a response on both sides (varying lengths); default 0: none")
     p.add_argument("--prompt-min", type=int, default=16)
     p.add_argument("--prompt-max", type=int, default=96)
     p.add_argument("--rm-prompts", type=int, default=8, help="prompts scored, k responses each")
@@ -214,7 +226,8 @@ def main() -> None:
                           all_tokens_per_second=[round(r["tokens_per_second"], 1) for r in rs],
                           peak_rss_mib=max(r["peak_rss_mib"] for r in rs)) for part, rs in runs.items()}
     print(f"\n{args.shape} shape, {args.threads} threads; {args.prompts} prompts x k={args.k}, {args.batch} prompts "
-          f"({args.batch * args.k} rows) per batch, {args.max_new_tokens} new tokens, prompts {args.prompt_min}-{args.prompt_max} tokens")
+          f"({args.batch * args.k} rows) per batch, {args.max_new_tokens} new tokens at most, prompts {args.prompt_min}-{args.prompt_max} tokens"
+          + (f", the last {args.stop_ids} vocabulary ids stop a response" if args.stop_ids else ", no stop token"))
     names = {"ours_generate": "prefopt.generation.generate_batch", "hf_generate": "transformers generate (KV cache)",
              "ours_score_batched": f"prefopt.reward, a prompt's k responses in one row, forwards of {args.rm_batch}",
              "hf_score_one_at_a_time": "transformers, one sequence at a time"}

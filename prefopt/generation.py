@@ -12,7 +12,9 @@ right-shifted position ids, the stop-token tracker, the exponential-noise sampli
 - draws one noise tensor for the whole batch from one generator, so a prompt's samples depend on
   which prompts share its batch; here each row has its own generator (:func:`row_seed`), so the
   same prompt, seed and settings give the same tokens in any batch position;
-- has no top-p (nucleus) sampling, which princeton's on-policy data uses (top_p 0.95).
+- has no top-p (nucleus) sampling, which princeton's on-policy data uses (top_p 0.95);
+- runs every row's prompt and every row to the end: here the k samples of a prompt share one
+  prefill, and rows that have stopped leave the batch.
 
 Used by ``recipes/generate_preference_pairs.py`` and by the judge of trained generations.
 """
@@ -247,9 +249,9 @@ def output_at_one_position(model: nn.Module, index: Optional[torch.Tensor] = Non
         del model.unembed
 
 
-def _repeat_caches(model: nn.Module, index: torch.Tensor) -> None:
-    """Every KV cache of ``model`` with its batch rows taken by ``index`` ``[rows]`` (a row of
-    the prefill batch per generated row); their fill position is kept."""
+def _take_cache_rows(model: nn.Module, index: torch.Tensor) -> None:
+    """Every KV cache of ``model`` with its batch rows taken by ``index`` ``[n]`` (a row of the
+    prefill batch per generated row; or the rows still decoding); their fill position is kept."""
     for cache in model.modules():
         if isinstance(cache, KVCache):
             cache.k_cache = cache.k_cache.index_select(0, index)
@@ -280,8 +282,10 @@ def generate_batch(
     padded batch and right-shifted positions, so a padded row computes what it would alone. Rows
     with the same prompt (the k samples of one prompt) share its prefill: each distinct prompt
     is run once and its KV cache copied to its rows, which then decode apart. KV caches of
-    ``longest prompt + max_new_tokens`` are set up for the batch and deleted after. The loop
-    ends when every row has produced a stop token or ``max_new_tokens`` tokens.
+    ``longest prompt + max_new_tokens`` are set up for the batch and deleted after. Rows that
+    have stopped leave the batch (their caches dropped) once a quarter of it has, so the steps
+    after cost only the rows still decoding (not with a compiled ``decode``). The loop ends when
+    every row has produced a stop token or ``max_new_tokens`` tokens.
 
     Args:
         model: a torchtune ``TransformerDecoder`` without caches set up (``num_output_chunks == 0``).
@@ -349,11 +353,13 @@ def generate_batch(
     sampling = temperature > 0
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds] if sampling else []
     vocab = model.tok_embeddings.num_embeddings
+    # the batch's rows still decoding: batch row j is row live[j] of the output (see the compaction below)
+    live = list(range(rows))
 
     def next_tokens(logits: torch.Tensor) -> torch.Tensor:
         noise = None
         if sampling:  # each row's draw from its own generator: independent of the batch
-            noise = torch.stack([torch.empty(vocab, device=device).exponential_(1, generator=g) for g in generators])
+            noise = torch.stack([torch.empty(vocab, device=device).exponential_(1, generator=generators[i]) for i in live])
         return sample_tokens(logits[:, -1].float(), temperature=temperature, top_k=top_k, top_p=top_p, noise=noise)
 
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
@@ -370,18 +376,31 @@ def generate_batch(
                 logits = model(tokens, input_pos=get_position_ids_from_padding_mask(real_first)[:, :longest], mask=mask)
             if len(firsts) < rows:
                 logits = logits.index_select(0, source_t)
-                _repeat_caches(model, source_t)
+                _take_cache_rows(model, source_t)
+            live_t = torch.arange(rows, device=device)
+            dropped_at = rows  # batch size at the last compaction
             for t in range(max_new_tokens):
                 nxt = next_tokens(logits)
-                out[:, t] = nxt
-                hit = torch.isin(nxt, stop) & ~stopped
-                ended_at = torch.where(hit, torch.full_like(ended_at, t), ended_at)
-                stopped |= hit
-                if t == max_new_tokens - 1 or bool(stopped.all()):
+                out[live_t, t] = nxt
+                hit = torch.isin(nxt, stop) & ~stopped[live_t]
+                ended_at[live_t[hit]] = t
+                stopped[live_t[hit]] = True
+                done = stopped[live_t]
+                n_done = int(done.sum())
+                if t == max_new_tokens - 1 or n_done == len(live):
                     break
+                # Finished rows leave the batch once a quarter of it has finished (a forward costs
+                # in proportion to its rows; copying the caches is cheap next to that, but not free).
+                # Not with a compiled `decode`: its shapes must not change.
+                if decode is None and n_done * 4 >= dropped_at:
+                    keep = (~done).nonzero().squeeze(1)
+                    _take_cache_rows(model, keep)
+                    real, input_pos, nxt, live_t = real[keep], input_pos[keep], nxt[keep], live_t[keep]
+                    live = live_t.tolist()
+                    dropped_at = len(live)
                 pos = longest + t  # the new token's position in the padded batch
-                mask = (real & (positions <= pos))[:, None, :]  # [rows, 1, total]
-                logits = step(nxt[:, None], input_pos=input_pos[:, pos:pos + 1], mask=mask)  # [rows, 1, vocab]
+                mask = (real & (positions <= pos))[:, None, :]  # [live rows, 1, total]
+                logits = step(nxt[:, None], input_pos=input_pos[:, pos:pos + 1], mask=mask)  # [live rows, 1, vocab]
     finally:
         model.train(was_training)
     out, ended_at, stopped = out.tolist(), ended_at.tolist(), stopped.tolist()

@@ -114,6 +114,31 @@ def test_rows_of_one_prompt_share_its_prefill(tiny_model, tiny_tokenizer):
     assert len({tuple(g.tokens) for g in shared[:3]}) > 1  # the rows of one prompt decode apart
 
 
+def test_finished_rows_leave_the_batch(tiny_model, tiny_tokenizer):
+    # rows stop at different steps; once a quarter of the batch has stopped, the stopped rows'
+    # caches are dropped and the steps after run on the others only: every row samples what it
+    # samples alone
+    prompts = [prompt_ids(tiny_tokenizer, [{"role": "user", "content": t}])
+               for t in ("Hi", "Describe a trip in one line.", "Write one sentence about a busy day at the market.")]
+    rows = [p for p in prompts for _ in range(4)]
+    seeds = list(range(12))
+    free = generate_batch(tiny_model, rows, seeds=seeds, max_new_tokens=16, temperature=1.0)
+    # stop tokens that end a sample of each prompt by step 3 (row i stops at its first stop token)
+    stop = sorted({free[i].tokens[3] for i in (0, 4, 8)})
+    kw = dict(max_new_tokens=16, temperature=1.0, stop_tokens=stop)
+    widths = []
+    hook = tiny_model.tok_embeddings.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[0]))
+    try:
+        together = generate_batch(tiny_model, rows, seeds=seeds, **kw)
+    finally:
+        hook.remove()
+    alone = [generate_batch(tiny_model, [r], seeds=[sd], **kw)[0] for r, sd in zip(rows, seeds)]
+    assert together == alone
+    ends = sorted(g.num_generated for g in together if g.stopped)
+    assert 3 <= len(ends) < 12 and ends[2] <= 4, ends
+    assert widths[1] == 12 and min(widths[1:]) < 12 and widths[1:] == sorted(widths[1:], reverse=True), widths
+
+
 def test_decode_runs_the_one_token_steps(tiny_model):
     # e.g. torch.compile(model): called for every step after the prefill, with one token per row
     calls = []
