@@ -141,7 +141,7 @@ def apply_peft_adapter(state_dict: dict, adapter_dir) -> dict:
     """``state_dict`` (a Hugging Face model's) with the PEFT LoRA adapter in ``adapter_dir``
     (``adapter_model.safetensors`` + ``adapter_config.json``) merged as PEFT merges it:
     W + B @ A * lora_alpha / r. What ``PeftModel.from_pretrained(...).merge_and_unload()``
-    gives, for the environments where peft cannot be imported (it rejects torchao 0.13)."""
+    gives, by hand: the tests check both (:func:`peft_merged` loads with PEFT itself)."""
     import json
 
     from safetensors.torch import load_file
@@ -157,6 +157,22 @@ def apply_peft_adapter(state_dict: dict, adapter_dir) -> dict:
         b = adapter[key.replace(".lora_A.", ".lora_B.")]
         out[base] = out[base] + (b.double() @ a.double() * scale).to(out[base].dtype)
     return out
+
+
+def peft_merged(model, adapter_dir):
+    """``model`` (a transformers model) with the LoRA adapter in ``adapter_dir`` loaded and merged
+    by PEFT itself (``PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()``).
+
+    PEFT's torchao dispatcher raises for the torchao 0.13 installed here (it wants > 0.16) on every
+    LoRA layer, even a plain ``nn.Linear``'s; it is told torchao is absent, which changes nothing
+    for these adapters (no layer holds a torchao tensor)."""
+    from unittest import mock
+
+    peft = pytest.importorskip("peft")
+    import peft.tuners.lora.torchao as lora_torchao
+
+    with mock.patch.object(lora_torchao, "is_torchao_available", lambda: False):
+        return peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
 def next_token_logps(logits, tokens):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, TINY, apply_peft_adapter, load_recipe, next_token_logps
+from conftest import REPO, TINY, apply_peft_adapter, load_recipe, next_token_logps, peft_merged
 from omegaconf import OmegaConf
 
 TINY_QWEN2 = dict(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=96,
@@ -53,7 +53,7 @@ def test_qwen2_adapter_export_applied_by_hand_gives_the_trained_logps(tmp_path):
     from safetensors.torch import load_file
     from torchtune import training
     from torchtune.models.qwen2 import lora_qwen2
-    from torchtune.modules.peft import get_merged_lora_ckpt
+    from torchtune.modules.peft import get_lora_module_names, get_merged_lora_ckpt
     from transformers import AutoModelForCausalLM
 
     from prefopt.models.checkpointer import HFCheckpointer
@@ -77,21 +77,26 @@ def test_qwen2_adapter_export_applied_by_hand_gives_the_trained_logps(tmp_path):
     with torch.no_grad():
         trained = next_token_logps(model.eval()(tokens), tokens)
     merged = get_merged_lora_ckpt({k: v.clone() for k, v in model.state_dict().items()}, rank=4, alpha=8)
+    # the model's LoRA layers, in torchtune's names (the checkpointer maps them to PEFT's)
+    targets = get_lora_module_names(["q_proj", "k_proj", "v_proj", "output_proj"], True, True)
     diffs = {}
     for name, ckpt in (("ours", ours), ("torchtune", checkpointer(training.FullModelHFCheckpointer, tmp_path / "tt")[0])):
         ckpt.save_checkpoint({training.MODEL_KEY: dict(merged), training.ADAPTER_KEY: dict(adapter),
-                              training.ADAPTER_CONFIG: {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                              training.ADAPTER_CONFIG: {"r": 4, "lora_alpha": 8, "target_modules": targets,
                                                         "peft_type": "LORA"}}, epoch=0)
         epoch = ckpt._output_dir / "epoch_0"
+        with_peft = peft_merged(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32), epoch).eval()
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
         hf.load_state_dict(apply_peft_adapter(base, epoch))
         with torch.no_grad():
             diffs[name] = (next_token_logps(hf(tokens).logits, tokens) - trained).abs().max().item()
+            diffs[name + " PEFT"] = (next_token_logps(with_peft(tokens).logits, tokens) - trained).abs().max().item()
             hf.load_state_dict(load_file(epoch / "model-00001-of-00001.safetensors"))  # merged: right either way
             diffs[name + " merged"] = (next_token_logps(hf(tokens).logits, tokens) - trained).abs().max().item()
-    print("qwen2 adapter applied by hand, max |log-prob diff| vs the trained model:",
+    print("qwen2 adapter applied by hand and by PEFT, max |log-prob diff| vs the trained model:",
           json.dumps({k: f"{v:.2e}" for k, v in diffs.items()}))
-    assert diffs["ours"] < 1e-4, diffs
+    assert diffs["ours"] < 1e-4 and diffs["ours PEFT"] < 1e-4, diffs
+    assert diffs["torchtune PEFT"] > 1e-3, diffs  # PEFT itself loads torchtune's adapter wrong
     assert diffs["ours merged"] < 1e-4 and diffs["torchtune merged"] < 1e-4, diffs
     assert diffs["torchtune"] > 1e-3, diffs  # the defect the configs' checkpointer had
 

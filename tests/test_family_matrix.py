@@ -16,9 +16,11 @@ trained model's log-probs to 1e-4; the export holds every weight of the checkpoi
 name, those the recipe does not train (Gemma 3's vision tower) unchanged.
 """
 
+import copy
+
 import pytest
 import torch
-from conftest import apply_peft_adapter, next_token_logps
+from conftest import apply_peft_adapter, next_token_logps, peft_merged
 from family_standins import case_config, checkpoint_tensors, config_recipe, frozen_heap, recipe_class  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("frozen_heap")]
@@ -78,6 +80,8 @@ def test_family_config_trains_the_transformers_model_and_exports_it(tmp_path, na
                  "export": (next_token_logps(exported(tokens).logits, tokens) - trained).abs().max().item()}
         moved = (next_token_logps(ref, tokens) - trained).abs().max().item()
         if kind == "lora":  # QLoRA's base is the NF4-rounded stand-in: the merged folder is its check
+            with_peft = peft_merged(copy.deepcopy(hf), epoch / "adapter").eval()
+            diffs["adapter with PEFT"] = (next_token_logps(with_peft(tokens).logits, tokens) - trained).abs().max().item()
             hf.load_state_dict(apply_peft_adapter(hf.state_dict(), epoch / "adapter"))
             diffs["adapter by hand"] = (next_token_logps(hf(tokens).logits, tokens) - trained).abs().max().item()
     print(f"{name}: trained moved log-probs by {moved:.2e}; " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
