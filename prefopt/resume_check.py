@@ -29,6 +29,9 @@ __all__ = [
     "data_identity",
     "data_mismatches",
     "check_resume",
+    "checkpoint_files_state",
+    "code_state",
+    "input_changes",
 ]
 
 CONFIG_FILE = "config.yaml"  # the run config, in output_dir and in every resume state (prefopt.resume)
@@ -192,3 +195,65 @@ def check_resume(
             f"a resume must keep: " + "; ".join(wrong + other_data) + f". Use {use}, or start a fresh run in another "
             "output_dir."
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs the config names but does not fix: a checkpoint re-trained into the same folder, a
+# scoring function whose code changed
+
+
+def checkpoint_files_state(block: Mapping[str, Any]) -> Dict[str, Optional[List[int]]]:
+    """``{file: [size, mtime_ns]}`` (None: missing) of each file a torchtune checkpointer block
+    reads (``checkpoint_dir`` + ``checkpoint_files``, a list or torchtune's ``{filename_format,
+    max_filename}``): tells a checkpoint written again into the same folder (a policy re-trained
+    between on-policy rounds) from the one earlier progress was made with, without reading GBs.
+    Empty for a block without those keys."""
+    folder, files = block.get("checkpoint_dir"), block.get("checkpoint_files")
+    if folder is None or files is None:
+        return {}
+    if isinstance(files, Mapping):  # {filename_format, max_filename}
+        n = str(files["max_filename"])
+        files = [str(files["filename_format"]).format(str(i).zfill(len(n)), n) for i in range(1, int(n) + 1)]
+    out: Dict[str, Optional[List[int]]] = {}
+    for name in files:
+        path = Path(str(folder)) / str(name)
+        try:
+            st = path.stat()
+            out[str(path)] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[str(path)] = None
+    return out
+
+
+def code_state(component: str) -> Optional[str]:
+    """The sha256 of the source file of the module that defines ``component`` (a dotted path such
+    as ``my_rewards.length_reward``): changes when that code is edited. None if it has no
+    source file (a builtin) or cannot be imported (start-up reports that elsewhere)."""
+    import hashlib
+    import importlib
+    import inspect
+
+    module = str(component).rpartition(".")[0]
+    try:
+        path = inspect.getsourcefile(importlib.import_module(module))
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    except (ImportError, TypeError, OSError):
+        return None
+
+
+def input_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
+    """One line per input that differs between two records of ``{name: state}`` (what
+    :func:`checkpoint_files_state` or :func:`code_state` gave when progress was written, and now),
+    naming the input and what changed. An input missing from ``saved`` is not compared (progress
+    written before it was recorded)."""
+    lines = []
+    for name, was in saved.items():
+        if name not in now or now[name] == was:
+            continue
+        cur = now[name]
+        if isinstance(was, Mapping) and isinstance(cur, Mapping):
+            changed = sorted(f for f in set(was) | set(cur) if was.get(f) != cur.get(f))
+            lines.append(f"{name}: {', '.join(changed)} changed (size or modification time) since the progress was written")
+        else:
+            lines.append(f"{name}: its code changed since the progress was written")
+    return lines

@@ -31,6 +31,7 @@ from prefopt.data.prompts import prompt_key
 from prefopt.generation import check_prompts_fit, generate_batch, prompt_ids, row_seed, stop_token_ids
 from prefopt.guards import check_device, lock_output_dir
 from prefopt.resume import CONFIG_FILE, ResumeMismatchError, load_run_config, resume_mismatches, save_run_config
+from prefopt.resume_check import checkpoint_files_state, code_state, input_changes
 from prefopt.reward import (
     RewardModel,
     build_reward,
@@ -73,6 +74,7 @@ BOUND_ARGS = {"checkpointer": ("should_load_recipe_state", "resume_from_checkpoi
 FREE_KEYS = ("output_dir", "metric_logger", "overwrite_output_dir")
 SHARDS = "shards"  # <output_dir>/shards/rank_<r>.jsonl: every prompt's record, appended per batch
 PAIRS, DROPPED, SUMMARY = "pairs.jsonl", "dropped.jsonl", "summary.json"
+INPUTS = "inputs.json"  # the policy's checkpoint files and the reward's code or files, when progress began
 
 
 def _cross_checks(v: Dict[str, Any]) -> List[str]:
@@ -152,18 +154,21 @@ class GeneratePairsRecipe:
         """Refuse progress or pairs of another config in output_dir (unless overwrite_output_dir,
         which deletes them): a restart must produce the file an uninterrupted run would."""
         saved = load_run_config(self._output_dir / CONFIG_FILE)
-        ours = [self._output_dir / n for n in (SHARDS, PAIRS, DROPPED, SUMMARY)]
+        ours = [self._output_dir / n for n in (SHARDS, PAIRS, DROPPED, SUMMARY, INPUTS)]
         if not any(p.exists() for p in ours):
             return
         keys = [k for k in CONFIG_SPEC if k not in FREE_KEYS]
         wrong = resume_mismatches(saved, self._run_cfg, keys) if saved is not None else ["config.yaml: missing"]
+        if not wrong and (self._output_dir / INPUTS).is_file():
+            # the same config can name a policy re-trained into the same folder, or edited scoring code
+            wrong = input_changes(json.loads((self._output_dir / INPUTS).read_text()), self._inputs())
         if not wrong:
             log.info(f"output_dir holds this config's progress: continuing ({self._output_dir / SHARDS})")
             return
         if not self._cfg["overwrite_output_dir"]:
             raise ResumeMismatchError(
-                f"output_dir={str(self._output_dir)!r} holds pairs or progress of another config "
-                f"({self._output_dir / CONFIG_FILE}): " + "; ".join(wrong) + ". Use that config to continue it, "
+                f"output_dir={str(self._output_dir)!r} holds pairs or progress of another config or other inputs "
+                f"({self._output_dir / CONFIG_FILE}, {INPUTS}): " + "; ".join(wrong) + ". Use that config to continue it, "
                 "overwrite_output_dir=True to delete them and start clean, or choose another output_dir."
             )
         if self._rank == 0:
@@ -173,6 +178,18 @@ class GeneratePairsRecipe:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             log.warning(f"overwrite_output_dir=True: removed {', '.join(str(p) for p in ours)}")
         self._barrier()
+
+    def _inputs(self) -> Dict[str, Any]:
+        """What the config names but does not fix (prefopt.resume_check): the policy's checkpoint
+        files, and the reward model's files or the scoring callable's code."""
+        v = self._cfg
+        reward = v["reward"]
+        inputs: Dict[str, Any] = {"checkpointer": checkpoint_files_state(v["checkpointer"])}
+        if str(reward.get("_component_", "")).endswith("reward_model"):
+            inputs["reward.checkpointer"] = checkpoint_files_state(reward.get("checkpointer", {}))
+        else:
+            inputs["reward"] = code_state(str(reward["_component_"]))
+        return inputs
 
     def _barrier(self) -> None:
         if self._world > 1:
@@ -203,6 +220,8 @@ class GeneratePairsRecipe:
         self._check_reward_fits()
         if self._rank == 0:  # after every start-up check: an existing output_dir is untouched until here
             save_run_config(self._run_cfg, self._output_dir / CONFIG_FILE)
+            if not (self._output_dir / INPUTS).is_file():  # those of the progress, kept by a continuing run
+                (self._output_dir / INPUTS).write_text(json.dumps(self._inputs(), indent=1))
         self._barrier()
         log.info(
             f"{len(self._prompts)} prompts ({self._prompt_set.rows} rows read, {self._prompt_set.duplicates} duplicates, "

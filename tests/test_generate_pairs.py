@@ -115,6 +115,40 @@ def test_killed_run_continues_to_the_same_file(recipe, tmp_path):
     assert (part / "pairs.jsonl").read_bytes() == before
 
 
+def test_a_retrained_policy_or_edited_reward_is_not_taken_for_finished_work(recipe, tmp_path, monkeypatch):
+    # the same config can name a policy written again into the same folder (the next on-policy
+    # round) or a scoring function whose code was edited: the earlier pairs are not theirs
+    import os
+    import shutil
+
+    from conftest import TINY
+
+    policy = tmp_path / "policy"
+    shutil.copytree(TINY / "model", policy)
+    code = tmp_path / "mods" / "edited_reward.py"
+    code.parent.mkdir()
+    code.write_text("def score(prompt, response, target_words=12):\n    return float(len(response) % 5)\n")
+    monkeypatch.syspath_prepend(str(code.parent))
+    out = tmp_path / "out"
+    cfg = cfg_for(out, f"checkpointer.checkpoint_dir={policy}", "reward._component_=edited_reward.score")
+    run(recipe, cfg)
+    pairs = (out / "pairs.jsonl").read_bytes()
+    assert run(recipe, cfg)["prompts_done_before_this_run"] == 12  # unchanged: finished work is kept
+
+    weights = policy / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # written again (same size)
+    with pytest.raises(ResumeMismatchError, match=r"checkpointer: .*model.safetensors changed \(size or modification time\)"):
+        recipe.GeneratePairsRecipe(cfg)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    code.write_text(code.read_text().replace("% 5", "% 3"))
+    with pytest.raises(ResumeMismatchError, match="reward: its code changed since the progress was written"):
+        recipe.GeneratePairsRecipe(cfg)
+    assert (out / "pairs.jsonl").read_bytes() == pairs  # refused: nothing lost
+    fresh = run(recipe, OmegaConf.merge(cfg, OmegaConf.from_dotlist(["overwrite_output_dir=True"])))
+    assert fresh["prompts_done_before_this_run"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 

@@ -324,3 +324,28 @@ def test_both_recipes_word_a_mismatched_resume_the_same(tmp_path, small_data):
         "resume must keep: seed=7 in the config but 1234 in the saved run. Use the saved values, or start a fresh "
         "run in another output_dir."
     )
+
+
+def test_input_states_and_changes(tmp_path):
+    from prefopt.resume_check import checkpoint_files_state, code_state, input_changes
+
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    block = {"checkpoint_dir": str(tmp_path),
+             "checkpoint_files": {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00002"}}
+    state = checkpoint_files_state(block)
+    assert sorted(state) == [str(tmp_path / "model-00001-of-00002.safetensors"), str(tmp_path / "model-00002-of-00002.safetensors")]
+    assert all(v[0] == 10 for v in state.values())
+    assert checkpoint_files_state({"checkpoint_dir": str(tmp_path), "checkpoint_files": ["gone.bin"]}) == {
+        str(tmp_path / "gone.bin"): None}
+    assert checkpoint_files_state({}) == {}
+    assert code_state("prefopt.reward.example_rule_reward") == code_state("prefopt.reward.topic_rule_reward") != None  # noqa: E711
+    assert code_state("no_such_module_here.f") is None
+
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"y" * 11)
+    now = {"checkpointer": checkpoint_files_state(block), "reward": "abc"}
+    assert input_changes({"checkpointer": state, "reward": "abc"}, now) == [
+        f"checkpointer: {tmp_path / 'model-00002-of-00002.safetensors'} changed (size or modification time) since the "
+        "progress was written"]
+    assert input_changes({"reward": "abd"}, now) == ["reward: its code changed since the progress was written"]
+    assert input_changes({}, now) == [] and input_changes({"checkpointer": state}, {}) == []
