@@ -67,6 +67,8 @@ CONFIG_SPEC = {
     "step": Key(int, default=0, doc="the step the figures are logged at (e.g. the training run's last step)"),
     "device": Key(str, default="cpu"),
     "dtype": Key(str, default="fp32", check=one_of("fp32", "bf16")),
+    "compile": Key(bool, default=False, doc="torch.compile each model's one-token decode steps (KV caches of one length: "
+                                            "the longest prompt + max_new_tokens)"),
     "metric_logger": Key(component=True, default=None),
 }
 BOUND_ARGS = {
@@ -172,10 +174,11 @@ class JudgeRecipe:
                           "seeds": [v["seed"] + j for j in range(v["num_samples"])]})
         return modes
 
-    def _generate(self, model: torch.nn.Module, mode: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def _generate(self, model: torch.nn.Module, mode: Dict[str, Any], decode=None) -> List[Dict[str, Any]]:
         """Every (prompt, seed) row of ``mode``, prompt-major: ``{"prompt_index", "seed",
-        "text", "tokens", "stopped"}``."""
+        "text", "tokens", "stopped"}``; ``decode``: a compiled ``model`` for the one-token steps."""
         v = self._cfg
+        cache_len = max(map(len, self._prompt_ids)) + v["max_new_tokens"] if decode is not None else None
         rows = [(i, s) for i in range(len(self._prompts)) for s in mode["seeds"]]
         out = []
         for b in range(0, len(rows), v["batch_size"]):
@@ -184,7 +187,7 @@ class JudgeRecipe:
                 model, [self._prompt_ids[i] for i, _ in chunk], seeds=[row_seed(s, self._keys[i]) for i, s in chunk],
                 max_new_tokens=v["max_new_tokens"], temperature=mode["temperature"], top_k=v["top_k"], top_p=v["top_p"],
                 stop_tokens=self._stop, pad_id=getattr(self._tokenizer, "pad_id", 0) or 0,
-                device=self._device, cache_dtype=self._dtype,
+                device=self._device, cache_dtype=self._dtype, decode=decode, cache_len=cache_len,
             )
             for (i, s), g in zip(chunk, gens):
                 out.append({"prompt_index": i, "seed": s, "text": self._tokenizer.decode(g.tokens),
@@ -198,9 +201,10 @@ class JudgeRecipe:
         gens: Dict[str, Dict[str, List[Dict[str, Any]]]] = {m["name"]: {} for m in modes}
         for side in ("start", "trained"):
             model = self._load(side)
+            decode = torch.compile(model) if v["compile"] else None  # compiled once per model
             for m in modes:
-                gens[m["name"]][side] = self._generate(model, m)
-            del model
+                gens[m["name"]][side] = self._generate(model, m, decode)
+            del model, decode
             gc.collect()
         reward = build_reward(v["reward"], device=self._device, dtype=self._dtype)
         report: Dict[str, Any] = {}
