@@ -14,7 +14,7 @@
 # 4. the judge (configs/tiny/judge.yaml) on the held-out prompts: warmed-up start vs SimPO model,
 #    greedy and sampled; the table is printed and written to OUTPUT_DIR/judge/judge.txt.
 #
-# Measured (2 shared CPU cores, 191 s): 268 pairs; on the held-out prompts greedy mean reward
+# Measured (2 shared CPU cores, 171-191 s): 268 pairs; on the held-out prompts greedy mean reward
 # 1.215 -> 1.283 (win rate 0.39: not a clear gain), length 23.8 -> 22.7 tokens; on the training
 # prompts 1.271 -> 1.356 (win rate 0.52); nothing degenerate (README: the figures and caveats).
 #
