@@ -45,7 +45,9 @@ class QKNormAttention(MultiHeadAttention):
         **kwargs: ``MultiHeadAttention``'s arguments (``q_norm`` and ``k_norm`` required).
 
     ``forward(x [b, s, d], y=x, mask=None | [b, s, s] bool, input_pos=None | [b, s])`` ->
-    ``[b, s, d]``. Training only: no KV cache.
+    ``[b, s, d]``. With torchtune's KV cache set up (``setup_cache``, e.g. by
+    ``torchtune.modules.local_kv_cache``) it decodes as ``MultiHeadAttention`` does; ``mask`` is
+    then required (``[b, s, cache length]``).
     """
 
     def __init__(self, *, sliding_window_size: Optional[int] = None, query_pre_attn_scalar: Optional[float] = None,
@@ -56,9 +58,6 @@ class QKNormAttention(MultiHeadAttention):
         self.sliding_window_size = sliding_window_size
         # SDPA scales by head_dim ** -0.5: pre-scaling q by this factor gives the wanted scale
         self.q_scale = 1.0 if query_pre_attn_scalar is None else (self.head_dim / query_pre_attn_scalar) ** 0.5
-
-    def setup_cache(self, *args, **kwargs):
-        raise NotImplementedError("QKNormAttention is for training: it has no KV cache")
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, mask=None,
                 input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -74,6 +73,13 @@ class QKNormAttention(MultiHeadAttention):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.q_scale != 1.0:
             q = q * self.q_scale
+        q_index = None
+        if self.kv_cache is not None and self.cache_enabled:
+            # generation (torchtune's KV cache, set up by MultiHeadAttention.setup_cache): the new
+            # keys join the cache; the caller's mask covers every cache slot
+            q_index = self.kv_cache.cache_pos[:s_x].clone()  # the slots the new tokens fill
+            k, v = self.kv_cache.update(k, v)
+            s_y = k.shape[2]
         if self.num_heads != self.num_kv_heads:
             shape = (b, self.num_kv_heads, self.num_heads // self.num_kv_heads, s_y, self.head_dim)
             k = k.unsqueeze(2).expand(shape).flatten(1, 2)
@@ -82,9 +88,17 @@ class QKNormAttention(MultiHeadAttention):
             if mask is not None and not isinstance(mask, torch.Tensor):
                 # prefopt.packing.packing_unsupported_reason keeps such models on the padded layout
                 raise NotImplementedError("a sliding window with a FlexAttention BlockMask")
-            if mask is None:
-                mask = torch.ones(s_x, s_y, dtype=torch.bool, device=x.device).tril_()[None]
-            mask = mask & window_mask(s_x, self.sliding_window_size, input_pos, x.device)
+            if q_index is not None:
+                # with a cache, slot distance is position distance (a left-padded row's slots and
+                # positions differ by its padding); the mask the caller gives hides the padding
+                if mask is None:
+                    raise ValueError("QKNormAttention with a KV cache needs the mask over the cache")
+                window = (q_index[:, None] - torch.arange(s_y, device=x.device)[None]) < self.sliding_window_size
+                mask = mask & window[None]
+            else:
+                if mask is None:
+                    mask = torch.ones(s_x, s_y, dtype=torch.bool, device=x.device).tril_()[None]
+                mask = mask & window_mask(s_x, self.sliding_window_size, input_pos, x.device)
             mask = mask.expand(b, s_x, s_y)
         out = self._attention_call(
             q, k, v, mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
