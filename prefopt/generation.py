@@ -347,19 +347,19 @@ def generate_batch(
     source_t = torch.tensor(source, dtype=torch.long, device=device)
     tokens, real_first = tokens.to(device), real_first.to(device)
     real = real_first.index_select(0, source_t)  # [rows, total]
-    input_pos = get_position_ids_from_padding_mask(real)  # [rows, total]
+    input_pos_first = get_position_ids_from_padding_mask(real_first)  # [distinct prompts, total]
+    input_pos = input_pos_first.index_select(0, source_t)  # [rows, total]
     positions = torch.arange(total, device=device)
 
     sampling = temperature > 0
+    # one per row still in the batch (see the compaction below)
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds] if sampling else []
     vocab = model.tok_embeddings.num_embeddings
-    # the batch's rows still decoding: batch row j is row live[j] of the output (see the compaction below)
-    live = list(range(rows))
 
     def next_tokens(logits: torch.Tensor) -> torch.Tensor:
         noise = None
         if sampling:  # each row's draw from its own generator: independent of the batch
-            noise = torch.stack([torch.empty(vocab, device=device).exponential_(1, generator=generators[i]) for i in live])
+            noise = torch.stack([torch.empty(vocab, device=device).exponential_(1, generator=g) for g in generators])
         return sample_tokens(logits[:, -1].float(), temperature=temperature, top_k=top_k, top_p=top_p, noise=noise)
 
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
@@ -373,11 +373,11 @@ def generate_batch(
         with local_kv_cache(model, batch_size=len(firsts), device=device, dtype=cache_dtype, decoder_max_seq_len=total):
             mask = get_causal_mask_from_padding_mask(real_first[:, :longest], target_seq_len=total)
             with output_at_one_position(model):
-                logits = model(tokens, input_pos=get_position_ids_from_padding_mask(real_first)[:, :longest], mask=mask)
+                logits = model(tokens, input_pos=input_pos_first[:, :longest], mask=mask)
             if len(firsts) < rows:
                 logits = logits.index_select(0, source_t)
                 _take_cache_rows(model, source_t)
-            live_t = torch.arange(rows, device=device)
+            live_t = torch.arange(rows, device=device)  # batch row j is output row live_t[j]
             dropped_at = rows  # batch size at the last compaction
             for t in range(max_new_tokens):
                 nxt = next_tokens(logits)
@@ -387,7 +387,7 @@ def generate_batch(
                 stopped[live_t[hit]] = True
                 done = stopped[live_t]
                 n_done = int(done.sum())
-                if t == max_new_tokens - 1 or n_done == len(live):
+                if t == max_new_tokens - 1 or n_done == live_t.numel():
                     break
                 # Finished rows leave the batch once a quarter of it has finished (a forward costs
                 # in proportion to its rows; copying the caches is cheap next to that, but not free).
@@ -396,8 +396,8 @@ def generate_batch(
                     keep = (~done).nonzero().squeeze(1)
                     _take_cache_rows(model, keep)
                     real, input_pos, nxt, live_t = real[keep], input_pos[keep], nxt[keep], live_t[keep]
-                    live = live_t.tolist()
-                    dropped_at = len(live)
+                    generators = [generators[j] for j in keep.tolist()] if sampling else generators
+                    dropped_at = live_t.numel()
                 pos = longest + t  # the new token's position in the padded batch
                 mask = (real & (positions <= pos))[:, None, :]  # [live rows, 1, total]
                 logits = step(nxt[:, None], input_pos=input_pos[:, pos:pos + 1], mask=mask)  # [live rows, 1, vocab]

@@ -211,9 +211,10 @@ def checkpoint_files_state(block: Mapping[str, Any]) -> Dict[str, Optional[List[
     folder, files = block.get("checkpoint_dir"), block.get("checkpoint_files")
     if folder is None or files is None:
         return {}
-    if isinstance(files, Mapping):  # {filename_format, max_filename}
-        n = str(files["max_filename"])
-        files = [str(files["filename_format"]).format(str(i).zfill(len(n)), n) for i in range(1, int(n) + 1)]
+    if isinstance(files, Mapping):  # {filename_format, max_filename}: torchtune's own expansion
+        from torchtune.training import FormattedCheckpointFiles
+
+        files = FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
     out: Dict[str, Optional[List[int]]] = {}
     for name in files:
         path = Path(str(folder)) / str(name)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -35,6 +36,7 @@ from torchtune.data import Message
 from torchtune.modules import TransformerDecoder
 
 from prefopt.generation import output_at_one_position
+from prefopt.packing import common_prefix, packing_unsupported_reason
 
 __all__ = [
     "Reward",
@@ -230,8 +232,6 @@ class RewardModel(Reward):
 
     @functools.cached_property
     def _shares_prefixes(self) -> bool:
-        from prefopt.packing import packing_unsupported_reason
-
         return packing_unsupported_reason(self.model) is None
 
     def score(self, prompts, responses) -> List[float]:
@@ -255,12 +255,9 @@ def shared_prefix_layout(sequences: Sequence[Sequence[int]]) -> Tuple[torch.Tens
     """
     if not sequences or min(map(len, sequences)) == 0:
         raise ValueError("shared_prefix_layout needs one or more non-empty sequences")
-    first = sequences[0]
-    p = min(map(len, sequences)) - 1  # every sequence keeps its last token in its own part
-    for i in range(p):
-        if any(s[i] != first[i] for s in sequences[1:]):
-            p = i
-            break
+    first = np.asarray(sequences[0])
+    # the prefix all share (each sequence's with the first), every sequence keeping its last token
+    p = min([len(s) - 1 for s in sequences] + [common_prefix(first, np.asarray(s)) for s in sequences[1:]])
     n = p + sum(len(s) - p for s in sequences)
     ids = torch.empty(n, dtype=torch.long)
     positions = torch.empty(n, dtype=torch.long)

@@ -159,6 +159,20 @@ def apply_peft_adapter(state_dict: dict, adapter_dir) -> dict:
     return out
 
 
+def recording_compile():
+    """A stand-in for ``torch.compile`` (a real compile takes minutes on 2 CPU cores; the gpu tier
+    compiles for real): ``(fake, compiled, steps)``; ``fake(model)`` records ``model`` in
+    ``compiled`` and returns a step that records each call's cache length (the mask's last
+    dimension) in ``steps`` and runs the model."""
+    compiled, steps = [], []
+
+    def fake(model):
+        compiled.append(model)
+        return lambda tokens, **kw: steps.append(kw["mask"].shape[-1]) or model(tokens, **kw)
+
+    return fake, compiled, steps
+
+
 def peft_merged(model, adapter_dir):
     """``model`` (a transformers model) with the LoRA adapter in ``adapter_dir`` loaded and merged
     by PEFT itself (``PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()``).

@@ -289,8 +289,9 @@ def checkpoint_tensors(folder) -> dict:
 def checkpoint_files(node) -> list:
     files = node.checkpoint_files
     if "filename_format" in files:  # torchtune's {filename_format, max_filename} form
-        n = files.max_filename
-        return [files.filename_format.format(str(i).zfill(len(n)), n) for i in range(1, int(n) + 1)]
+        from torchtune.training import FormattedCheckpointFiles
+
+        return FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
     return list(files)
 
 

@@ -4,7 +4,7 @@ continues to the same file, and the pairs file training with the LoRA recipe."""
 import json
 
 import pytest
-from conftest import REPO, load_recipe, read_log, tune_run
+from conftest import REPO, load_recipe, read_log, recording_compile, tune_run
 from omegaconf import OmegaConf
 
 from prefopt.config import ConfigError
@@ -178,15 +178,9 @@ def test_two_ranks_write_one_file_in_prompt_order(tmp_path):
 
 
 def test_compile_runs_the_decode_steps_through_torch_compile(recipe, tmp_path, monkeypatch):
-    # torch.compile's stand-in (a real compile takes minutes on 2 CPU cores: the gpu test below
-    # compiles): what it returns runs every one-token step, over caches of one length, and the
-    # pairs file is the uncompiled run's
-    compiled, steps = [], []
-
-    def fake_compile(model):
-        compiled.append(model)
-        return lambda tokens, **kw: steps.append(kw["mask"].shape[-1]) or model(tokens, **kw)
-
+    # what torch.compile returns (a stand-in; the gpu test below compiles) runs every one-token
+    # step, over caches of one length, and the pairs file is the uncompiled run's
+    fake_compile, compiled, steps = recording_compile()
     monkeypatch.setattr(recipe.torch, "compile", fake_compile)
     run(recipe, cfg_for(tmp_path / "plain"))
     run(recipe, cfg_for(tmp_path / "compiled", "compile=True"))

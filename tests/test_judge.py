@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_recipe
+from conftest import REPO, load_recipe, recording_compile
 from omegaconf import OmegaConf
 from torch.testing import assert_close
 
@@ -231,15 +231,9 @@ def test_prefopt_plot_draws_a_judge_report(tmp_path):
 
 
 def test_compile_runs_each_models_decode_steps_compiled(recipe, tmp_path, monkeypatch):
-    # torch.compile's stand-in (a real compile takes minutes on 2 CPU cores): one compile per
-    # model (start, trained), every one-token step through it over caches of one length, and the
-    # generations are the uncompiled run's
-    compiled, steps = [], []
-
-    def fake_compile(model):
-        compiled.append(model)
-        return lambda tokens, **kw: steps.append(kw["mask"].shape[-1]) or model(tokens, **kw)
-
+    # torch.compile (a stand-in): one compile per model (start, trained), every one-token step
+    # through it over caches of one length, and the generations are the uncompiled run's
+    fake_compile, compiled, steps = recording_compile()
     monkeypatch.setattr(recipe.torch, "compile", fake_compile)
     run(recipe, cfg_for(tmp_path / "plain"))
     run(recipe, cfg_for(tmp_path / "compiled", "compile=True"))

@@ -43,7 +43,8 @@ def mistral_7b_v02() -> TransformerDecoder:
     return mistral(**_V02)
 
 
-def lora_mistral_7b_v02(
+def _lora_mistral_7b(
+    dims: dict,
     lora_attn_modules: List[LORA_ATTN_MODULES],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
@@ -53,12 +54,13 @@ def lora_mistral_7b_v02(
     use_dora: bool = False,
     quantize_base: bool = False,
 ) -> TransformerDecoder:
-    """Mistral 7B v0.2 with LoRA: the arguments of torchtune's ``lora_mistral_7b``, RoPE θ = 1e6."""
+    """torchtune's ``lora_mistral`` with the arguments of its ``lora_mistral_7b`` and ``dims`` (a
+    checkpoint's dimensions and RoPE base). The named builders below bind ``dims``."""
     return lora_mistral(
         lora_attn_modules=lora_attn_modules,
         apply_lora_to_mlp=apply_lora_to_mlp,
         apply_lora_to_output=apply_lora_to_output,
-        **_V02,
+        **dims,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
@@ -66,6 +68,9 @@ def lora_mistral_7b_v02(
         quantize_base=quantize_base,
     )
 
+
+lora_mistral_7b_v02 = partial(_lora_mistral_7b, _V02)
+lora_mistral_7b_v02.__doc__ = "Mistral 7B v0.2 with LoRA: the arguments of torchtune's ``lora_mistral_7b``, RoPE θ = 1e6."
 
 qlora_mistral_7b_v02 = partial(lora_mistral_7b_v02, quantize_base=True)
 qlora_mistral_7b_v02.__doc__ = "Mistral 7B v0.2 with QLoRA (NF4 base weights under the LoRA layers)."
@@ -80,26 +85,6 @@ def mistral_7b_v01() -> TransformerDecoder:
     return mistral(**_V01)
 
 
-def lora_mistral_7b_v01(
-    lora_attn_modules: List[LORA_ATTN_MODULES],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-) -> TransformerDecoder:
-    """Mistral 7B v0.1 with LoRA: torchtune's ``lora_mistral_7b`` for inputs of up to its
-    4096-token sliding window (max_seq_len 4096, where the window masks nothing)."""
-    return lora_mistral(
-        lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        **_V01,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-    )
+lora_mistral_7b_v01 = partial(_lora_mistral_7b, _V01)
+lora_mistral_7b_v01.__doc__ = """Mistral 7B v0.1 with LoRA: torchtune's ``lora_mistral_7b`` for inputs of up to its
+4096-token sliding window (max_seq_len 4096, where the window masks nothing)."""
