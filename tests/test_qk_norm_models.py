@@ -258,30 +258,35 @@ def test_gemma3_multimodal_checkpoint_language_model_and_export(tmp_path):
     check_model_matches_checkpoint(model, {"_component_": "gemma3"}, {"checkpoint_dir": str(tmp_path / "ckpt")})
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
-def test_qk_norm_models_generate_with_a_kv_cache(family):
-    # greedy decoding through the KV cache (left-padded prompts of several lengths, Gemma 3's
-    # local layers' window of 4 shorter than the prompts) picks, token for token, what the full
-    # uncached forward picks (the forward the tests above match with transformers)
+def test_qk_norm_models_greedy_through_the_kv_cache_equals_transformers(tmp_path, family):
+    """Greedy decoding through torchtune's KV cache (prefopt.generation, a left-padded batch of
+    prompts of 3-14 tokens, Gemma 3's local layers' window of 5 shorter than most) picks, token
+    for token, what transformers' generate picks for each prompt alone."""
+    transformers = pytest.importorskip("transformers")
     from prefopt.generation import generate_batch
     from prefopt.models.gemma3 import gemma3
     from prefopt.models.qwen3 import qwen3
 
-    torch.manual_seed(0)
-    shape = dict(vocab_size=64, num_layers=6, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64,
-                 max_seq_len=64, head_dim=8)
-    model = (qwen3(**shape) if family == "qwen3" else gemma3(**shape, sliding_window_size=4, query_pre_attn_scalar=8))
+    if family == "qwen3":
+        hf = _qwen3_standin(tmp_path / "ckpt", tied=False)
+    else:
+        torch.manual_seed(0)
+        hf = transformers.Gemma3ForCausalLM(_gemma3_text_config(transformers, None)).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)  # far from the uniform outputs of a fresh init: greedy choices differ
-    model.eval()
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)  # far from a fresh init's near-uniform outputs: greedy choices are clear
+    hf.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    ours = qwen3(**TINY_QWEN3, tie_word_embeddings=False) if family == "qwen3" else gemma3(**TINY_GEMMA3)
+    model, _ = _load(ours, tmp_path / "ckpt", family.upper(), tmp_path / "out")
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 9, 6)]
-    got = generate_batch(model, prompts + prompts[:1], seeds=[0] * 4, max_new_tokens=10, temperature=0.0)
-    for p, mine in zip(prompts + prompts[:1], got):
-        seq = list(p)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 14, 8)]
+    rows = prompts + prompts[:1]  # a repeated prompt: the shared prefill
+    got = generate_batch(model, rows, seeds=[0] * 4, max_new_tokens=12, temperature=0.0)
+    for p, mine in zip(rows, got):
         with torch.no_grad():
-            for _ in range(10):
-                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-        assert mine.tokens == seq[len(p):], (family, len(p))
+            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=12,
+                              min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert mine.tokens == ref, (family, len(p))
     assert len({tuple(x.tokens) for x in got}) > 1  # the prompts lead to different answers
