@@ -137,6 +137,53 @@ def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 0, timeout:
     return proc
 
 
+# Collectives in the in-process 2-rank tests time out after this instead of torch's 30 minutes (the
+# tiny models' steps take well under a second, several under load).
+GLOO_TIMEOUT_S = 120
+
+
+def init_gloo(rank: int, world: int, init: str) -> None:
+    """In a worker of :func:`spawn_gloo`: joins the gloo group at ``init`` (a ``file://`` store,
+    so there is no free port to race other tests for), with collectives that time out after
+    GLOO_TIMEOUT_S. A worker still running 10 s before that prints every thread's stack to
+    stderr (``watchdog`` restarts the clock), so that a hang shows where each rank waits."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    watchdog()
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+
+
+def watchdog() -> None:
+    """(Re)starts the clock after which a spawned worker prints its threads' stacks (not fatal)."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(GLOO_TIMEOUT_S - 10, exit=False)
+
+
+def spawn_gloo(worker, tmp_dir, *args, nprocs: int = 2):
+    """``torch.multiprocessing.spawn(worker, (init, *args))`` with ``init`` a fresh ``file://``
+    store in ``tmp_dir`` (the worker calls :func:`init_gloo` with it). Run once more if a
+    collective timed out: a gloo transport stall (one rank waiting on a send the other never
+    received, 30 minutes, seen once in CI, 2026-12-03, not reproduced in 22 runs under load) is
+    not what these tests test; any other failure, or a second timeout, is raised."""
+    import warnings
+
+    import torch.multiprocessing as mp
+
+    for attempt in (0, 1):
+        init = f"file://{Path(tmp_dir) / f'gloo_store_{attempt}'}"
+        try:
+            mp.spawn(worker, args=(init, *args), nprocs=nprocs, join=True)
+            return
+        except mp.ProcessRaisedException as e:
+            if attempt or "Timed out" not in str(e):
+                raise
+            warnings.warn(f"a gloo collective timed out; running the {nprocs} processes once more:\n{e}")
+
+
 def apply_peft_adapter(state_dict: dict, adapter_dir) -> dict:
     """``state_dict`` (a Hugging Face model's) with the PEFT LoRA adapter in ``adapter_dir``
     (``adapter_model.safetensors`` + ``adapter_config.json``) merged as PEFT merges it:

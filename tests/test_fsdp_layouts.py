@@ -1,13 +1,13 @@
 """The fused output projection stays on under every FSDP2 sharding layout a config can name, with
 one all-gather of each unit per forward/backward (2 gloo processes, in-process spawn)."""
 
-import socket
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import init_gloo, spawn_gloo, watchdog
 from torch.testing import assert_close
 
 V = 128
@@ -65,12 +65,12 @@ LAYOUTS = [
 CASES = [(t, lay, u, packed) for t, lay, u in LAYOUTS for packed in (False, True)]
 
 
-def _worker(rank, port, results):
+def _worker(rank, init, results):
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as pg
 
     from recipes.simpo_full_distributed import _shard_model
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init_gloo(rank, 2, init)
     torch.set_num_threads(1)
     gathers = []
     real = pg.foreach_all_gather
@@ -81,6 +81,7 @@ def _worker(rank, port, results):
 
     pg.foreach_all_gather = counting
     for i, (tied, layout, _, packed) in enumerate(CASES):
+        watchdog()
         model = _model(tied)
         full = {k: v.clone() for k, v in model.state_dict().items()}
         _shard_model(model, custom_sharded_layers=layout, cpu_offload=False, reshard_after_forward=True, mp_policy=None)
@@ -93,16 +94,10 @@ def _worker(rank, port, results):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def sharded_runs():
+def sharded_runs(tmp_path_factory):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    spawn_gloo(_worker, tmp_path_factory.mktemp("fsdp_layouts"), results)
     return dict(results)
 
 

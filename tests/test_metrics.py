@@ -1,11 +1,11 @@
 """Tier 1: metrics are example-weighted means over micro-batches and ranks."""
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import init_gloo, spawn_gloo
 
 from prefopt.logprobs import SequenceLogps
 from prefopt.loss import SimPOLoss
@@ -59,8 +59,8 @@ def test_uneven_micro_batches_give_whole_batch_means(sft):
         m.compute()
 
 
-def _worker(rank, port, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _worker(rank, init, results):
+    init_gloo(rank, 2, init)
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
     c, r = fake(2 + 3 * rank, rank)  # ranks hold 2 and 5 examples
     m = PreferenceMetrics.for_loss(loss_fn, torch.device("cpu"))
@@ -69,13 +69,9 @@ def _worker(rank, port, results):
     dist.destroy_process_group()
 
 
-def test_all_reduce_across_two_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_worker, args=(port, results), nprocs=2, join=True)
+def test_all_reduce_across_two_ranks(tmp_path):
+    results = mp.Manager().dict()
+    spawn_gloo(_worker, tmp_path, results)
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
     c0, r0 = fake(2, 0)
     c1, r1 = fake(5, 1)
