@@ -13,6 +13,9 @@ script's output.
   the same words with two adjacent words (not the first) swapped. Chosen and rejected have
   exactly the same tokens and the same opening word, so neither length, vocabulary nor
   capitalization gives the answer away: only word order (coherent vs incoherent) does. Held-out sentences never occur in the training file.
+* ``heldout_prompts.jsonl`` (32) and ``onpolicy_prompts.jsonl`` (128): the eight topics in wordings
+  no training pair uses (the judge's), and in the training wordings plus 12 more (the on-policy
+  demo's pairs); the two sets share no prompt.
 * ``tokenizer.model``: a SentencePiece BPE model (vocab 512) trained on that text, with Llama-2
   ids (unk=0, bos=1, eos=2) and byte fallback, for ``torchtune.models.llama2.llama2_tokenizer``.
 * ``model/``: a 2-layer Llama-architecture model (1.4M parameters) built with
@@ -60,6 +63,25 @@ HELDOUT_PROMPTS = ["Write a short line about {t}.", "Tell me one thing about {t}
                    "Say something about {t}."]
 
 
+# Prompts for the on-policy demo's pairs (scripts/onpolicy_demo.sh): the training wordings plus 12
+# more (16 x 8 topics), none of them held out. With the 4 training wordings alone, the tiny policy
+# learns which phrase fits each of the 32 prompt strings, not which fits the topic, and nothing
+# carries over to the held-out wordings (benchmarks/README.md, the on-policy demo)
+ONPOLICY_PROMPTS = PROMPTS + ["Give me a line about {t}.", "What can you say about {t}?", "Write a sentence on {t}.",
+                              "Talk about {t} in one line.", "One sentence about {t}, please.", "Can you describe {t}?",
+                              "Please write about {t}.", "Make a sentence about {t}.", "Share a thought about {t}.",
+                              "I want a line about {t}.", "Tell a short story about {t}.", "Write about {t}."]
+
+
+def write_onpolicy_prompts() -> None:
+    """onpolicy_prompts.jsonl: every topic in every on-policy wording (format ``prompts``), none
+    in a held-out wording."""
+    rows = [{"prompt": w.format(t=t)} for w in ONPOLICY_PROMPTS for t in TOPICS]
+    assert len({r["prompt"] for r in rows}) == len(rows)
+    assert not {r["prompt"] for r in rows} & {w.format(t=t) for t in TOPICS for w in HELDOUT_PROMPTS}
+    (OUT / "onpolicy_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def write_heldout_prompts() -> None:
     """heldout_prompts.jsonl: every topic in every held-out wording (format ``prompts``)."""
     rows = [{"prompt": w.format(t=t)} for t in TOPICS for w in HELDOUT_PROMPTS]
@@ -98,6 +120,7 @@ def main() -> None:
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
         (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_heldout_prompts()
+    write_onpolicy_prompts()
     # Trained from an iterator into memory: a file-based run records its input/output paths in
     # the model, so the bytes would depend on where the repo is checked out. Identity
     # normalization (as Llama-2's) also keeps the file small.
