@@ -516,10 +516,11 @@ def _rank_builds(rank, world, init, f, cache, out):
     import os
 
     import torch.distributed as dist
+    from conftest import init_gloo
     from torchtune.models.llama2 import llama2_tokenizer
 
     os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    init_gloo(rank, world, init)  # collectives time out after 2 minutes, not 30
     tok = llama2_tokenizer(str(TINY_TOK), max_seq_len=None, prompt_template=None)
     ds = preference_dataset(tok, source="json", data_files=f, cache_dir=cache)
     Path(out, f"{rank}.json").write_text(json.dumps({"cache": ds.cache_info["cache"], "path": ds.cache_info["path"], "first": ds[0]}))
