@@ -1,6 +1,5 @@
 """Tier 1: metrics are example-weighted means over micro-batches and ranks."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
