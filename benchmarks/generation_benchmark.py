@@ -22,6 +22,7 @@ own; the first batch of each is a warm-up and is not timed. The measurements alt
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -75,6 +76,14 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
 
     shape = SHAPES[args.shape]
     prompts = _prompts(args)
+    from prefopt.cpu_linear import packed_linears
+
+    def pack(model):
+        if not part.startswith("ours"):
+            return contextlib.nullcontext()
+        # --no-onednn: oneDNN off, so the library's own packing (per call) does nothing either
+        return packed_linears(model) if args.onednn else torch.backends.mkldnn.flags(enabled=False)
+
     new = args.max_new_tokens
     # --stop-ids N: the last N ids of the vocabulary end a response on both sides (responses of
     # varying length); 0: every row runs to max_new_tokens
@@ -118,7 +127,10 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
         batches = list(_batches(args, prompts))
         gen(batches[0])  # warm-up
         t0 = time.perf_counter()
-        tokens = sum(gen(rows) for rows in batches)
+        # ours: as the recipes do, the linear layers packed for oneDNN once around the loop (timed;
+        # --no-onednn: aten's F.linear, as transformers runs)
+        with pack(model):
+            tokens = sum(gen(rows) for rows in batches)
         sec = time.perf_counter() - t0
         return {"part": part, "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec, "peak_rss_mib": _peak_mib()}
 
@@ -140,7 +152,8 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
         rm = build_reward(block)
         rm.score_ids(seqs[: args.rm_batch], groups=keys[: args.rm_batch])  # warm-up
         t0 = time.perf_counter()
-        scores = rm.score_ids(seqs, groups=keys)
+        with pack(rm.model):  # (timed, as for generation)
+            scores = rm.score_ids(seqs, groups=keys)
     else:
         from transformers import LlamaForSequenceClassification
 
@@ -192,6 +205,8 @@ def main() -> None:
     p.add_argument("--rm-response-min", type=int, default=48)
     p.add_argument("--rm-response-max", type=int, default=240)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-onednn", dest="onednn", action="store_false",
+                   help="ours without prefopt.cpu_linear's packed oneDNN linear layers (aten's F.linear, as transformers)")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "results" / "_work"))
     p.add_argument("--repeats", type=int, default=3, help="runs of each part, alternating; the median is reported")
     p.add_argument("--parts", nargs="+", choices=("generate", "score"), default=["generate", "score"],

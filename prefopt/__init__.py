@@ -33,6 +33,8 @@ Each module has one job:
 - :mod:`prefopt.teardown`: what a recipe's ``cleanup`` releases (the run's Arrow data) so it ends normally.
 - :mod:`prefopt.generation`: batched, seeded sampling from a torchtune decoder (KV caches,
   left-padded prompts, stop tokens, temperature/top-k/top-p).
+- :mod:`prefopt.cpu_linear`: a model's linear layers run through oneDNN on weights packed once,
+  while it generates or scores on CPU.
 - :mod:`prefopt.reward`: scoring (prompt, response) pairs: a one-output reward model or any
   Python callable, behind one ``score``.
 - :mod:`prefopt.judge`: the statistics of a judged run (win rate with ties half, lengths, win rate by

@@ -31,6 +31,8 @@ from torchtune.data import Message
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules import KVCache, local_kv_cache
 
+from prefopt.cpu_linear import packed_linears
+
 __all__ = [
     "Generation",
     "filter_logits",
@@ -285,7 +287,9 @@ def generate_batch(
     ``longest prompt + max_new_tokens`` are set up for the batch and deleted after. Rows that
     have stopped leave the batch (their caches dropped) once a quarter of it has, so the steps
     after cost only the rows still decoding (not with a compiled ``decode``). The loop ends when
-    every row has produced a stop token or ``max_new_tokens`` tokens.
+    every row has produced a stop token or ``max_new_tokens`` tokens. On CPU (without a compiled
+    ``decode``) the linear layers run through oneDNN (:func:`prefopt.cpu_linear.packed_linears`;
+    packed here unless the caller's block already did, once for all its batches).
 
     Args:
         model: a torchtune ``TransformerDecoder`` without caches set up (``num_output_chunks == 0``).
@@ -370,7 +374,9 @@ def generate_batch(
     was_training = model.training
     model.eval()
     try:
-        with local_kv_cache(model, batch_size=len(firsts), device=device, dtype=cache_dtype, decoder_max_seq_len=total):
+        # on CPU the linear layers run on weights packed for oneDNN (not under a compiled decode)
+        with packed_linears(model, enabled=decode is None), \
+                local_kv_cache(model, batch_size=len(firsts), device=device, dtype=cache_dtype, decoder_max_seq_len=total):
             mask = get_causal_mask_from_padding_mask(real_first[:, :longest], target_seq_len=total)
             with output_at_one_position(model):
                 logits = model(tokens, input_pos=input_pos_first[:, :longest], mask=mask)

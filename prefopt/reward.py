@@ -17,6 +17,7 @@ Two kinds of the config's ``reward`` block, built by :func:`build_reward`:
 Shared by ``recipes/generate_preference_pairs.py`` and the judge of trained generations.
 """
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -25,7 +26,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from torchtune import config, training
 from torchtune.data import Message
 from torchtune.modules import TransformerDecoder
 
+from prefopt.cpu_linear import packed_linears
 from prefopt.generation import output_at_one_position
 from prefopt.packing import common_prefix, packing_unsupported_reason
 
@@ -78,6 +80,11 @@ class Reward:
 
     def score(self, prompts: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str]) -> List[float]:
         raise NotImplementedError
+
+    def packed(self) -> ContextManager[Any]:
+        """A block in which the reward's model (if it has one) keeps its CPU linear layers packed for
+        oneDNN (:func:`prefopt.cpu_linear.packed_linears`), so a loop of ``score`` calls packs once."""
+        return contextlib.nullcontext()
 
 
 class CallableReward(Reward):
@@ -169,10 +176,11 @@ class RewardModel(Reward):
         if groups is not None and len(groups) != len(sequences):
             raise ValueError(f"{len(groups)} group keys for {len(sequences)} sequences")
         t0 = time.perf_counter()
-        if groups is not None and self._shares_prefixes:
-            scores = self._score_shared(sequences, groups)
-        else:
-            scores = self._score_padded(sequences)
+        with self.packed():  # on CPU: oneDNN on packed weights (packed once if the caller's block did)
+            if groups is not None and self._shares_prefixes:
+                scores = self._score_shared(sequences, groups)
+            else:
+                scores = self._score_padded(sequences)
         self.tokens += sum(lens)
         self.seconds += time.perf_counter() - t0
         self.items += len(sequences)
@@ -229,6 +237,9 @@ class RewardModel(Reward):
                     scores[i] = values[r][j]
             start = end
         return scores
+
+    def packed(self) -> ContextManager[Any]:
+        return packed_linears(self.model)
 
     @functools.cached_property
     def _shares_prefixes(self) -> bool:

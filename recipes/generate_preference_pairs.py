@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from prefopt.config import Key, at_least, non_negative, one_of, unit_interval, validate_config
+from prefopt.cpu_linear import packed_linears
 from prefopt.data.prompts import prompt_key
 from prefopt.generation import check_prompts_fit, generate_batch, prompt_ids, row_seed, stop_token_ids
 from prefopt.guards import check_device, lock_output_dir
@@ -342,31 +343,34 @@ class GeneratePairsRecipe:
             log.info(f"continuing: {resumed} of {len(self._prompts)} prompts already done")
         n_batches = math.ceil(len(self._prompts) / bs)
         gen_tokens, gen_seconds, t_start = 0, 0.0, time.perf_counter()
-        for b in range(self._rank, n_batches, self._world):
-            batch = list(range(b * bs, min((b + 1) * bs, len(self._prompts))))
-            if all(i in done for i in batch):
-                continue
-            rows = [self._prompt_ids[i] for i in batch for _ in range(k)]
-            seeds = [row_seed(self._seeds[j], self._keys[i]) for i in batch for j in range(k)]
-            t0 = time.perf_counter()
-            gens = generate_batch(
-                self._model, rows, seeds=seeds, max_new_tokens=v["max_new_tokens"], temperature=v["temperature"],
-                top_k=v["top_k"], top_p=v["top_p"], stop_tokens=self._stop, pad_id=getattr(self._tokenizer, "pad_id", 0) or 0,
-                device=self._device, cache_dtype=self._dtype, decode=self._decode, cache_len=self._cache_len,
-            )
-            gen_seconds += time.perf_counter() - t0
-            gen_tokens += sum(g.num_generated for g in gens)
-            texts = [self._tokenizer.decode(g.tokens) for g in gens]
-            scores = self._reward.score([self._prompts[i] for i in batch for _ in range(k)], texts)
-            records = [r for r in self._records(batch, gens, scores) if r["prompt_index"] not in done]
-            self._append(records)
-            for r in records:
-                done[r["prompt_index"]] = r
-            self._on_batch_written(b)
-            if self._metric_logger is not None:
-                self._metric_logger.log_dict(
-                    {"prompts_done": len(done), "sampling_tokens_per_second": gen_tokens / max(gen_seconds, 1e-9)}, step=b
+        # on CPU the policy's and the reward model's linear layers run on weights packed for oneDNN,
+        # packed once for the whole loop (not under a compiled decode)
+        with packed_linears(self._model, enabled=self._decode is None), self._reward.packed():
+            for b in range(self._rank, n_batches, self._world):
+                batch = list(range(b * bs, min((b + 1) * bs, len(self._prompts))))
+                if all(i in done for i in batch):
+                    continue
+                rows = [self._prompt_ids[i] for i in batch for _ in range(k)]
+                seeds = [row_seed(self._seeds[j], self._keys[i]) for i in batch for j in range(k)]
+                t0 = time.perf_counter()
+                gens = generate_batch(
+                    self._model, rows, seeds=seeds, max_new_tokens=v["max_new_tokens"], temperature=v["temperature"],
+                    top_k=v["top_k"], top_p=v["top_p"], stop_tokens=self._stop, pad_id=getattr(self._tokenizer, "pad_id", 0) or 0,
+                    device=self._device, cache_dtype=self._dtype, decode=self._decode, cache_len=self._cache_len,
                 )
+                gen_seconds += time.perf_counter() - t0
+                gen_tokens += sum(g.num_generated for g in gens)
+                texts = [self._tokenizer.decode(g.tokens) for g in gens]
+                scores = self._reward.score([self._prompts[i] for i in batch for _ in range(k)], texts)
+                records = [r for r in self._records(batch, gens, scores) if r["prompt_index"] not in done]
+                self._append(records)
+                for r in records:
+                    done[r["prompt_index"]] = r
+                self._on_batch_written(b)
+                if self._metric_logger is not None:
+                    self._metric_logger.log_dict(
+                        {"prompts_done": len(done), "sampling_tokens_per_second": gen_tokens / max(gen_seconds, 1e-9)}, step=b
+                    )
         stats = {"tokens": gen_tokens, "seconds": gen_seconds, "score_items": self._reward.items,
                  "score_tokens": self._reward.tokens, "score_seconds": self._reward.seconds}
         all_stats = [stats]

@@ -30,6 +30,7 @@ from torchtune import config, training, utils
 from torchtune.modules.peft import get_merged_lora_ckpt
 
 from prefopt.config import Key, at_least, non_negative, one_of, unit_interval, validate_config
+from prefopt.cpu_linear import packed_linears
 from prefopt.data.prompts import prompt_key
 from prefopt.generation import check_prompts_fit, generate_batch, prompt_ids, row_seed, stop_token_ids
 from prefopt.guards import check_device, lock_output_dir
@@ -181,17 +182,18 @@ class JudgeRecipe:
         cache_len = max(map(len, self._prompt_ids)) + v["max_new_tokens"] if decode is not None else None
         rows = [(i, s) for i in range(len(self._prompts)) for s in mode["seeds"]]
         out = []
-        for b in range(0, len(rows), v["batch_size"]):
-            chunk = rows[b:b + v["batch_size"]]
-            gens = generate_batch(
-                model, [self._prompt_ids[i] for i, _ in chunk], seeds=[row_seed(s, self._keys[i]) for i, s in chunk],
-                max_new_tokens=v["max_new_tokens"], temperature=mode["temperature"], top_k=v["top_k"], top_p=v["top_p"],
-                stop_tokens=self._stop, pad_id=getattr(self._tokenizer, "pad_id", 0) or 0,
-                device=self._device, cache_dtype=self._dtype, decode=decode, cache_len=cache_len,
-            )
-            for (i, s), g in zip(chunk, gens):
-                out.append({"prompt_index": i, "seed": s, "text": self._tokenizer.decode(g.tokens),
-                            "tokens": len(g.tokens), "stopped": g.stopped})
+        with packed_linears(model, enabled=decode is None):  # on CPU: oneDNN on weights packed once
+            for b in range(0, len(rows), v["batch_size"]):
+                chunk = rows[b:b + v["batch_size"]]
+                gens = generate_batch(
+                    model, [self._prompt_ids[i] for i, _ in chunk], seeds=[row_seed(s, self._keys[i]) for i, s in chunk],
+                    max_new_tokens=v["max_new_tokens"], temperature=mode["temperature"], top_k=v["top_k"], top_p=v["top_p"],
+                    stop_tokens=self._stop, pad_id=getattr(self._tokenizer, "pad_id", 0) or 0,
+                    device=self._device, cache_dtype=self._dtype, decode=decode, cache_len=cache_len,
+                )
+                for (i, s), g in zip(chunk, gens):
+                    out.append({"prompt_index": i, "seed": s, "text": self._tokenizer.decode(g.tokens),
+                                "tokens": len(g.tokens), "stopped": g.stopped})
         return out
 
     def run(self) -> Dict[str, Any]:

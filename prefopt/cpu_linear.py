@@ -1,0 +1,95 @@
+"""A model's linear layers run through oneDNN with their weights packed once, while it generates
+or scores on CPU.
+
+On CPU, ``F.linear`` hands the dense weight to MKL's GEMM on every call. oneDNN with the weight
+reordered once into its own blocked layout (what inductor's freezing pass does for a compiled
+model on CPU) computes the same product (fp32: to float rounding) several times faster at the
+row counts of decoding and scoring on the machines we measured (``benchmarks/README.md``,
+"oneDNN"). Nothing here is used in training: the packed copies do not follow a weight that
+changes, and the op has no backward.
+"""
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtune.modules.tied_linear import TiedLinear
+
+__all__ = ["onednn_available", "packed_linears"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_available() -> bool:
+    """oneDNN is built in, enabled (``torch.backends.mkldnn.enabled``) and has the packed-linear ops."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _packable(weight: Optional[torch.Tensor]) -> bool:
+    # a plain dense CPU tensor (not an NF4 / DTensor / other subclass, whose product is its own)
+    return (isinstance(weight, torch.Tensor) and type(weight.data) is torch.Tensor and weight.device.type == "cpu"
+            and weight.dtype in _DTYPES and weight.layout == torch.strided and weight.dim() == 2)
+
+
+def _packed_forward(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Callable[..., torch.Tensor]:
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    packed_bias = None if bias is None else bias.detach()
+
+    def forward(x: torch.Tensor, *_ignored: torch.Tensor) -> torch.Tensor:
+        # (a TiedLinear's inner module is called as (x, weight): the weight is the packed one)
+        if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+            # the packed op has no backward: where a gradient may be asked for, the layer's own product
+            return F.linear(x, weight, bias)
+        if x.dtype != packed.dtype or x.device.type != "cpu":
+            raise RuntimeError(f"packed_linears: a {x.dtype} input on {x.device} reached a layer packed for "
+                               f"{packed.dtype} on CPU; leave the packed_linears block before moving or casting the model")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, packed_bias, "none", [], "")
+
+    return forward
+
+
+@contextmanager
+def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Within the block, every plain ``nn.Linear`` of ``model`` (exactly that type: a LoRA or
+    quantized layer computes more than its weight, and is left as it is) and a tied output layer
+    (torchtune's ``TiedLinear``) whose weight is a dense float32 or bfloat16 CPU tensor computes
+    its product with oneDNN on a copy of its weight packed at entry.
+
+    Use it where the weights do not change: generating and scoring. A call with gradients on
+    whose input or weight requires a gradient computes the layer's own ``F.linear`` instead (the
+    packed op has no backward). The packed copies hold as much memory as the weights they copy,
+    until the block ends. Blocks
+    nest: a layer an enclosing block packed is left to it (so a recipe can pack once around its
+    loop and a library function inside still packs a model given to it alone).
+
+    Args:
+        model (nn.Module): any module; layers elsewhere (another device, another dtype) are left.
+        enabled (bool): False: nothing is packed (e.g. a ``torch.compile``-d forward, which the
+            opaque packed weights would break).
+
+    Yields:
+        int: the number of layers packed here (0: disabled, oneDNN unavailable, or nothing
+        packable).
+
+    Raises:
+        RuntimeError: inside the block, an input of another dtype or device reaches a packed layer.
+    """
+    patched: List[Tuple[nn.Module, Callable]] = []
+    if enabled and onednn_available():
+        for m in model.modules():
+            # "forward" already an instance attribute: an enclosing block packed it (or someone patched it)
+            if type(m) is nn.Linear and "forward" not in m.__dict__ and _packable(m.weight):
+                patched.append((m, _packed_forward(m.weight, m.bias)))
+        out = getattr(model, "output", None)
+        if isinstance(out, TiedLinear) and "forward" not in out.linear.__dict__ and _packable(out.tied_module.weight):
+            patched.append((out.linear, _packed_forward(out.tied_module.weight, None)))
+    for m, fwd in patched:
+        m.forward = fwd  # an instance attribute shadows the class's forward
+    try:
+        yield len(patched)
+    finally:
+        for m, _ in patched:
+            del m.forward
