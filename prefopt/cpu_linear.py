@@ -3,9 +3,9 @@ or scores on CPU.
 
 On CPU, ``F.linear`` hands the dense weight to MKL's GEMM on every call. oneDNN with the weight
 reordered once into its own blocked layout (what inductor's freezing pass does for a compiled
-model on CPU) computes the same product (fp32: to float rounding) several times faster at the
-row counts of decoding and scoring on the machines we measured (``benchmarks/README.md``,
-"oneDNN"). Nothing here is used in training: the packed copies do not follow a weight that
+model on CPU) computes the same product (fp32: to float rounding) 1.3-3.7x faster at the row
+counts of decoding and scoring on the CPU we measured (``benchmarks/results/generation.md``, "Why
+oneDNN"). Nothing here is used in training: the packed copies do not follow a weight that
 changes, and the op has no backward.
 """
 
@@ -79,13 +79,18 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """
     patched: List[Tuple[nn.Module, Callable]] = []
     if enabled and onednn_available():
-        for m in model.modules():
-            # "forward" already an instance attribute: an enclosing block packed it (or someone patched it)
-            if type(m) is nn.Linear and "forward" not in m.__dict__ and _packable(m.weight):
-                patched.append((m, _packed_forward(m.weight, m.bias)))
+        layers = [(m, m.weight, m.bias) for m in model.modules()
+                  # "forward" already an instance attribute: an enclosing block packed it (or someone patched it)
+                  if type(m) is nn.Linear and "forward" not in m.__dict__ and _packable(m.weight)]
         out = getattr(model, "output", None)
         if isinstance(out, TiedLinear) and "forward" not in out.linear.__dict__ and _packable(out.tied_module.weight):
-            patched.append((out.linear, _packed_forward(out.tied_module.weight, None)))
+            layers.append((out.linear, out.tied_module.weight, None))
+        try:
+            patched = [(m, _packed_forward(w, b)) for m, w, b in layers]
+        except RuntimeError:
+            # a oneDNN build without these kernels for this CPU (the ops exist in every build):
+            # the layers' own product, as without the block
+            patched = []
     for m, fwd in patched:
         m.forward = fwd  # an instance attribute shadows the class's forward
     try:
