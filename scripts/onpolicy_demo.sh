@@ -33,12 +33,23 @@ TUNE=${TUNE:-tune}
 START=$(date +%s)
 WARM_FILES='[model-00001-of-00001.safetensors]'
 mkdir -p "$OUT"
+fail() {  # a step that failed: which one, its log's last lines, and a non-zero exit
+  echo "$1 failed; its log: $2" >&2
+  tail -n 15 "$2" >&2 || true
+  exit 1
+}
+# whatever ends the script (a failed step or round, Ctrl-C) ends the rounds still running with it:
+# none is left writing into $OUT
+stop_rounds() {
+  for p in $(jobs -p); do pkill -TERM -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
+}
+trap stop_rounds EXIT
 
 echo "== 1/4 warm-up: torchtune full_finetune_single_device (configs/tiny/sft_warmup.yaml)"
 rm -rf "$OUT/sft_warmup"
 # shellcheck disable=SC2086
 $TUNE run full_finetune_single_device --config configs/tiny/sft_warmup.yaml output_dir="$OUT/sft_warmup" \
-  ${SFT_ARGS:-} > "$OUT/sft_warmup.log" 2>&1
+  ${SFT_ARGS:-} > "$OUT/sft_warmup.log" 2>&1 || fail "the warm-up" "$OUT/sft_warmup.log"
 grep -h "^Step" "$OUT"/sft_warmup/logs/log_*.txt | sed -n '1p;$p' | cut -d' ' -f1-4
 WARM=$(ls -d "$OUT"/sft_warmup/epoch_* | sort -V | tail -1)  # the warm-up's last epoch
 
@@ -54,7 +65,7 @@ round() {  # one round: the pairs recipe with its own seeds, into $OUT/pairs/rou
     checkpointer.checkpoint_dir="$WARM" "checkpointer.checkpoint_files=$WARM_FILES" \
     reward._component_=prefopt.reward.topic_rule_reward reward.target_words=11 temperature=1.0 \
     prompts.data_files=prefopt/assets/tiny/onpolicy_prompts.jsonl prompts.format=prompts ${PAIRS_ARGS:-} \
-    > "$OUT/pairs/round_$1.log" 2>&1 || { echo "round $1 failed: $OUT/pairs/round_$1.log" >&2; return 1; }
+    > "$OUT/pairs/round_$1.log" 2>&1 || fail "pairs round $1" "$OUT/pairs/round_$1.log"
 }
 # JOBS rounds at a time, one thread each: a round's start-up (importing torch and torchtune, ~7 s)
 # is single-threaded, so on 2 cores two rounds at once take little more than one
@@ -82,7 +93,7 @@ rm -rf "$OUT/simpo_lora"
 # shellcheck disable=SC2086
 $TUNE run recipes/simpo_lora_single_device.py --config configs/tiny/onpolicy_simpo_lora.yaml \
   output_dir="$OUT/simpo_lora" checkpointer.checkpoint_dir="$WARM" dataset.data_files="$OUT/pairs/pairs.jsonl" \
-  ${SIMPO_ARGS:-} > "$OUT/simpo_lora.log" 2>&1
+  ${SIMPO_ARGS:-} > "$OUT/simpo_lora.log" 2>&1 || fail "SimPO + LoRA" "$OUT/simpo_lora.log"
 TRAINED=$(ls -d "$OUT"/simpo_lora/epoch_* | sort -V | tail -1)
 grep -h "^Step" "$OUT"/simpo_lora/logs/log_*.txt | sed -n '1p;$p' | cut -d' ' -f1-4
 
@@ -90,6 +101,6 @@ echo "== 4/4 judge: $WARM (start) vs $TRAINED (trained) on the held-out prompts"
 # shellcheck disable=SC2086
 $TUNE run recipes/judge_generations.py --config configs/tiny/judge.yaml output_dir="$OUT/judge" \
   start_checkpointer.checkpoint_dir="$WARM" "start_checkpointer.checkpoint_files=$WARM_FILES" \
-  trained_checkpointer.checkpoint_dir="$TRAINED" ${JUDGE_ARGS:-} > "$OUT/judge.log" 2>&1
+  trained_checkpointer.checkpoint_dir="$TRAINED" ${JUDGE_ARGS:-} > "$OUT/judge.log" 2>&1 || fail "the judge" "$OUT/judge.log"
 cat "$OUT/judge/judge.txt"
 echo "== done in $(( $(date +%s) - START )) s; prefopt plot $OUT/judge -o judge.png draws it"

@@ -26,3 +26,35 @@ def test_demo_runs_every_step(tmp_path):
     assert set(report["modes"]) == {"greedy", "sampled"}
     assert report["trained"].endswith("simpo_lora/epoch_0")
     assert "win rate (trained > start)" in proc.stdout
+
+
+FAKE_TUNE = r"""#!/usr/bin/env bash
+# stands in for `tune`: the warm-up writes an epoch and a log line; pairs round 0 fails at once,
+# every other round writes its pid and sleeps (exec: the sleep is the process the round waits on)
+for a in "$@"; do case "$a" in output_dir=*) out="${a#output_dir=}";; esac; done
+case "$out" in
+  */sft_warmup) mkdir -p "$out/epoch_0" "$out/logs"; echo "Step 1 | loss:1.0" > "$out/logs/log_1.txt";;
+  */round_0) sleep 1; echo "round 0: a bad key" >&2; exit 3;;
+  */round_*) echo $$ > "$out.pid"; exec sleep 60;;
+esac
+"""
+
+
+def test_a_failed_round_stops_the_demo_and_the_rounds_beside_it(tmp_path):
+    fake = tmp_path / "tune"
+    fake.write_text(FAKE_TUNE)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, TUNE=str(fake), ROUNDS="3", JOBS="2")
+    proc = subprocess.run(["bash", str(REPO / "scripts/onpolicy_demo.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=50)
+    assert proc.returncode != 0
+    # the failed step is named with its log, and the log's last lines are shown
+    assert f"pairs round 0 failed; its log: {out}/pairs/round_0.log" in proc.stderr
+    assert "round 0: a bad key" in proc.stderr
+    # round 1 ran beside round 0 and was stopped with the script (round 2 never started)
+    pid = int((out / "pairs/round_1.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), \
+        "round 1 still running after the demo stopped"
+    assert not (out / "pairs/round_2.pid").exists()
+    assert not (out / "pairs/pairs.jsonl").exists()
