@@ -61,9 +61,9 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     Use it where the weights do not change: generating and scoring. A call with gradients on
     whose input or weight requires a gradient computes the layer's own ``F.linear`` instead (the
     packed op has no backward). The packed copies hold as much memory as the weights they copy,
-    until the block ends. Blocks
-    nest: a layer an enclosing block packed is left to it (so a recipe can pack once around its
-    loop and a library function inside still packs a model given to it alone).
+    until the block ends. Blocks nest: a layer an enclosing block packed is left to it (so a
+    recipe can pack once around its loop and a library function inside still packs a model given
+    to it alone).
 
     Args:
         model (nn.Module): any module; layers elsewhere (another device, another dtype) are left.
