@@ -17,7 +17,7 @@
 #    pair uses): warmed-up start vs SimPO model, greedy and sampled; the table is printed and
 #    written to OUTPUT_DIR/judge/judge.txt.
 #
-# Measured (2 shared CPU cores, 141 s): 1,048 pairs; on the held-out prompts greedy mean reward
+# Measured (2 shared CPU cores, 141-198 s): 1,048 pairs; on the held-out prompts greedy mean reward
 # 1.215 -> 1.475, topic fit 7 -> 16 of 32 answers, length 23.8 -> 23.4 tokens, nothing
 # degenerate (README: the figures and caveats).
 #

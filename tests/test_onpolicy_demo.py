@@ -1,6 +1,6 @@
 """scripts/onpolicy_demo.sh end to end, cut short: torchtune's own warm-up recipe runs with
 configs/tiny/sft_warmup.yaml, one round of on-policy pairs trains with the LoRA recipe, and the
-judge writes its report (the full demo: about two and a half minutes on 2 cores)."""
+judge writes its report (the full demo: about three minutes on 2 cores)."""
 
 import json
 import os
