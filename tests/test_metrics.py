@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import init_gloo, spawn_gloo
 
 from prefopt.logprobs import SequenceLogps
@@ -58,19 +57,20 @@ def test_uneven_micro_batches_give_whole_batch_means(sft):
         m.compute()
 
 
-def _worker(rank, init, results):
+def _worker(rank, init, out_dir):
     init_gloo(rank, 2, init)
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
     c, r = fake(2 + 3 * rank, rank)  # ranks hold 2 and 5 examples
     m = PreferenceMetrics.for_loss(loss_fn, torch.device("cpu"))
     m.update(out(loss_fn, c, r))
-    results[rank] = m.compute(all_reduce=True)
+    # a file, not a multiprocessing.Manager (no third process to lose: see test_fsdp_layouts)
+    torch.save(m.compute(all_reduce=True), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_all_reduce_across_two_ranks(tmp_path):
-    results = mp.Manager().dict()
-    spawn_gloo(_worker, tmp_path, results)
+    spawn_gloo(_worker, tmp_path, str(tmp_path))
+    results = {rank: torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)}
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
     c0, r0 = fake(2, 0)
     c1, r1 = fake(5, 1)
