@@ -30,7 +30,7 @@ Each module has one job:
 - :mod:`prefopt.export`: the epoch-end exports (``epoch_<N>/``), whole or not at all; a resume
   finishes a lost one.
 - :mod:`prefopt.guards`: the device check, the output-dir lock, the training-collapse guard.
-- :mod:`prefopt.teardown`: what a recipe's ``cleanup`` releases (the run's Arrow data) so it ends normally.
+- :mod:`prefopt.teardown`: how a run ends: what ``cleanup`` releases (the run's Arrow data), and a script's exit before native teardown.
 - :mod:`prefopt.generation`: batched, seeded sampling from a torchtune decoder (KV caches,
   left-padded prompts, stop tokens, temperature/top-k/top-p).
 - :mod:`prefopt.cpu_linear`: a model's linear layers run through oneDNN on weights packed once,

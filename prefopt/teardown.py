@@ -1,4 +1,5 @@
-"""What a recipe's ``cleanup`` releases at the end of a run (torch-free: cheap to import and test).
+"""How a recipe's run ends: what ``cleanup`` releases, and how a script ends its process
+(torch-free: cheap to import and test).
 
 A recipe script ends like torchtune's: ``sys.exit(recipe_main())`` after a normal return, so a
 caller that runs it as ``__main__`` (a sweep driver, ``runpy``, a notebook's ``%run``, a test)
@@ -16,13 +17,29 @@ ends) and writes through pyarrow's jemalloc pool. So ``cleanup`` hands back what
 of pyarrow while every library is fully alive: :func:`release_data` unmaps the token tables and
 returns the allocator's free memory, whoever still holds the recipe object afterwards (a
 notebook, a test, a traceback).
+
+That made the abort rarer, not impossible: after it, a two-process run of the README's
+distributed line still aborted that way once in CI (2026-12-03), after its last save and log
+line. So a recipe file that is the process's own main program (``python recipe.py``, or
+``python -m recipes.<name>``: what torchrun starts on every rank under ``tune run``) ends a finished run by :func:`run_script`: Python's own shutdown
+steps (threads, ``atexit``), then ``os._exit(0)`` before the native libraries' teardown. A
+program that runs the recipe through ``runpy`` (``tune run`` on one device, a sweep driver, a
+notebook) is not the recipe's process to end: there the recipe returns as torchtune's do.
 """
 
+import atexit
 import gc
+import importlib.util
+import io
+import os
 import sys
-from typing import Any, Iterator
+import threading
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-__all__ = ["release_data"]
+__all__ = ["is_main_program", "release_data", "run_script"]
+
+# interpreter options that take the next argument as their value
+_OPTIONS_WITH_VALUE = {"-X", "-W", "--check-hash-based-pycs"}
 
 
 def _datasets(obj: Any) -> Iterator[Any]:
@@ -61,3 +78,83 @@ def release_data(*loaders: Any) -> int:
     if pa is not None:
         pa.default_memory_pool().release_unused()
     return dropped
+
+
+def is_main_program(path: str, argv: Optional[Sequence[str]] = None) -> bool:
+    """Whether the interpreter was started to run the file ``path``: ``python [options] path
+    [args]`` or ``python [options] -m module [args]`` with ``module``'s file ``path`` (torchrun's
+    workers under ``tune run --nproc_per_node``: ``python -u -m recipes.<name>``), read from
+    ``argv`` (default ``sys.orig_argv``, the interpreter's own command line). False for
+    ``python -c ...`` and any other program (``tune``, a driver) that runs ``path`` itself,
+    e.g. through ``runpy``.
+    """
+    argv = list(sys.orig_argv if argv is None else argv)
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m":
+            return i + 1 < len(argv) and _module_file(argv[i + 1]) == os.path.realpath(path)
+        if arg in ("-c", "-"):
+            return False
+        if arg == "--":
+            i += 1
+            break
+        if arg in _OPTIONS_WITH_VALUE:
+            i += 2
+            continue
+        if not arg.startswith("-"):
+            break
+        i += 1
+    return i < len(argv) and os.path.realpath(argv[i]) == os.path.realpath(path)
+
+
+def _module_file(name: str) -> Optional[str]:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return os.path.realpath(spec.origin) if spec is not None and spec.origin else None
+
+
+def run_script(main: Callable[[], Any], path: str) -> Any:
+    """Run a recipe's ``recipe_main`` from its ``if __name__ == "__main__"`` block; used as
+    ``sys.exit(run_script(recipe_main, __file__))``.
+
+    When ``path`` is the process's own main program (:func:`is_main_program`) and the run
+    finished (``main`` returned, or raised ``SystemExit`` with status 0 or None, as torchtune's
+    ``config.parse`` does), the process ends here, as the interpreter would end it up to its
+    native teardown: ``threading``'s exit hooks (idle ``ThreadPoolExecutor`` workers told to
+    stop) and non-daemon threads joined, ``atexit`` handlers run (logging, metric loggers),
+    every open writable file flushed, then ``os._exit(0)``. Otherwise ``main``'s result or
+    exception goes to the caller unchanged.
+    """
+    try:
+        result = main()
+    except SystemExit as e:
+        if e.code not in (None, 0) or not is_main_program(path):
+            raise
+    else:
+        if not is_main_program(path):
+            return result
+        if result not in (None, 0):
+            return result
+    _end_process()
+
+
+def _end_process() -> None:
+    # Py_FinalizeEx's first steps, in its order; then no native teardown (module docstring)
+    threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter calls at exit
+    atexit._run_exitfuncs()
+    for obj in gc.get_objects():  # what finalization would flush when it closes them
+        if isinstance(obj, io.IOBase):
+            try:
+                if not obj.closed and obj.writable():
+                    obj.flush()
+            except Exception:  # a broken pipe or a detached stream: nothing to save
+                pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(0)

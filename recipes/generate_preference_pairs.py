@@ -41,6 +41,7 @@ from prefopt.reward import (
     reward_head_problem,
     reward_settings,
 )
+from prefopt.teardown import run_script
 
 log = utils.get_logger("INFO")
 
@@ -458,4 +459,8 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    # Run through runpy (`tune run` on one device, a sweep driver, a notebook's %run): returns as
+    # torchtune's recipes do, and the caller goes on. As the process's own program (`python
+    # <this file>`, what torchrun starts on each rank): a finished run ends the process before
+    # native libraries' teardown, which has aborted finished runs (prefopt.teardown).
+    sys.exit(run_script(recipe_main, __file__))

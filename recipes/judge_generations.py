@@ -38,6 +38,7 @@ from prefopt.judge import compare, format_table
 from prefopt.resume import CONFIG_FILE, save_run_config
 from prefopt.reward import build_reward, prompt_text, reward_bound_args, reward_settings
 from prefopt.safe_load import load_checkpoint_file
+from prefopt.teardown import run_script
 
 log = utils.get_logger("INFO")
 
@@ -289,4 +290,8 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    # Run through runpy (`tune run` on one device, a sweep driver, a notebook's %run): returns as
+    # torchtune's recipes do, and the caller goes on. As the process's own program (`python
+    # <this file>`, what torchrun starts on each rank): a finished run ends the process before
+    # native libraries' teardown, which has aborted finished runs (prefopt.teardown).
+    sys.exit(run_script(recipe_main, __file__))

@@ -54,7 +54,7 @@ from prefopt.resume import (
 from prefopt.safe_load import dcp_load
 from prefopt.startup import component_problems, zero_lr_warning
 from prefopt.step import preference_forward
-from prefopt.teardown import release_data
+from prefopt.teardown import release_data, run_script
 
 log = utils.get_logger("INFO")
 
@@ -916,7 +916,8 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # A normal return, as torchtune's recipes end: a caller running this file as __main__ (runpy,
-    # a sweep driver, a notebook's %run) goes on after it; `tune run` ends with the interpreter's
-    # own exit (threads joined, then atexit handlers). cleanup() has released the Arrow data.
-    sys.exit(recipe_main())
+    # Run through runpy (`tune run` on one device, a sweep driver, a notebook's %run): returns as
+    # torchtune's recipes do, and the caller goes on. As the process's own program (`python
+    # <this file>`, what torchrun starts on each rank): a finished run ends the process before
+    # native libraries' teardown, which has aborted finished runs (prefopt.teardown).
+    sys.exit(run_script(recipe_main, __file__))
