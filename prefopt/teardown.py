@@ -138,12 +138,15 @@ def run_script(main: Callable[[], Any], path: str) -> Any:
             return result
         if result not in (None, 0):
             return result
-    _end_process()
+    shutdown = getattr(threading, "_shutdown", None)  # CPython's, private: what it calls at exit
+    if shutdown is None:  # another Python: its own ending, as through runpy
+        return None
+    _end_process(shutdown)
 
 
-def _end_process() -> None:
+def _end_process(shutdown: Callable[[], None]) -> None:
     # Py_FinalizeEx's first steps, in its order; then no native teardown (module docstring)
-    threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter calls at exit
+    shutdown()
     atexit._run_exitfuncs()
     for obj in gc.get_objects():  # what finalization would flush when it closes them
         if isinstance(obj, io.IOBase):

@@ -161,3 +161,20 @@ def test_finished_recipe_processes_end_before_an_aborting_native_teardown(tmp_pa
         assert "Signal 6" not in proc.stderr and "Aborted" not in proc.stderr
     assert (tmp_path / "full" / "epoch_0" / "model-00001-of-00001.safetensors").is_file()
     assert (tmp_path / "lora" / "epoch_0").is_dir()
+
+
+def test_without_cpythons_threading_shutdown_the_script_returns(monkeypatch):
+    """On a Python without threading._shutdown (private to CPython), a finished run returns and
+    the interpreter ends the process its own way: run_script never ends it half-shut."""
+    import threading
+
+    from prefopt import teardown
+
+    monkeypatch.setattr(teardown, "is_main_program", lambda path, argv=None: True)
+    monkeypatch.delattr(threading, "_shutdown")
+    assert teardown.run_script(lambda: None, "recipe.py") is None
+
+    def finished():
+        raise SystemExit(None)
+
+    assert teardown.run_script(finished, "recipe.py") is None
