@@ -1,10 +1,10 @@
 """How a recipe's run ends: what ``cleanup`` releases, and how a script ends its process
 (torch-free: cheap to import and test).
 
-A recipe script ends like torchtune's: ``sys.exit(recipe_main())`` after a normal return, so a
-caller that runs it as ``__main__`` (a sweep driver, ``runpy``, a notebook's ``%run``, a test)
-goes on after it, and `tune run` ends with the interpreter's own exit: non-daemon threads joined
-(a ThreadPoolExecutor's idle workers, torch inductor's, told to stop first), ``atexit`` handlers,
+Run through ``runpy`` (``tune run`` on one device, a sweep driver, a notebook's ``%run``, a
+test), a recipe returns as torchtune's do (``SystemExit(None)``), the caller goes on, and the
+process later ends with the interpreter's own exit: non-daemon threads joined (a
+ThreadPoolExecutor's idle workers, torch inductor's, told to stop first), ``atexit`` handlers,
 then the native libraries' teardown.
 
 That last step is where native thread pools have been seen to abort a finished process with
@@ -21,10 +21,10 @@ notebook, a test, a traceback).
 That made the abort rarer, not impossible: after it, a two-process run of the README's
 distributed line still aborted that way once in CI (2026-12-03), after its last save and log
 line. So a recipe file that is the process's own main program (``python recipe.py``, or
-``python -m recipes.<name>``: what torchrun starts on every rank under ``tune run``) ends a finished run by :func:`run_script`: Python's own shutdown
-steps (threads, ``atexit``), then ``os._exit(0)`` before the native libraries' teardown. A
-program that runs the recipe through ``runpy`` (``tune run`` on one device, a sweep driver, a
-notebook) is not the recipe's process to end: there the recipe returns as torchtune's do.
+``python -m recipes.<name>``: what torchrun starts on every rank under ``tune run``) ends a
+finished run by :func:`run_script`: Python's own shutdown steps (threads, ``atexit``), then
+``os._exit(0)`` before the native libraries' teardown. A program that runs the recipe through
+``runpy`` is not the recipe's to end: there it returns as above.
 """
 
 import atexit
@@ -133,14 +133,12 @@ def run_script(main: Callable[[], Any], path: str) -> Any:
     except SystemExit as e:
         if e.code not in (None, 0) or not is_main_program(path):
             raise
-    else:
-        if not is_main_program(path):
-            return result
-        if result not in (None, 0):
-            return result
-    shutdown = getattr(threading, "_shutdown", None)  # CPython's, private: what it calls at exit
-    if shutdown is None:  # another Python: its own ending, as through runpy
-        return None
+        result = None
+    # CPython's, private: what the interpreter calls at exit; without it (another Python), the
+    # interpreter's own ending, as through runpy
+    shutdown = getattr(threading, "_shutdown", None)
+    if result not in (None, 0) or shutdown is None or not is_main_program(path):
+        return result
     _end_process(shutdown)
 
 

@@ -460,7 +460,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     # Run through runpy (`tune run` on one device, a sweep driver, a notebook's %run): returns as
-    # torchtune's recipes do, and the caller goes on. As the process's own program (`python
-    # <this file>`, what torchrun starts on each rank): a finished run ends the process before
-    # native libraries' teardown, which has aborted finished runs (prefopt.teardown).
+    # torchtune's recipes do, and the caller goes on. As the process's own program (`python <this
+    # file>`, or `python -m recipes.<name>` as torchrun starts each rank): a finished run ends the
+    # process before native libraries' teardown, which has aborted finished runs (prefopt.teardown).
     sys.exit(run_script(recipe_main, __file__))
