@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("ours_generate", "hf_generate", "ours_score_batched", "hf_score_one_at_a_time")
+PARTS = ("ours_generate", "hf_generate", "ours_score_batched", "ours_score_flex", "hf_score_one_at_a_time")
 
 
 def _peak_mib() -> float:
@@ -135,7 +135,8 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
         return {"part": part, "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec, "peak_rss_mib": _peak_mib()}
 
     seqs, keys = _sequences(args)
-    if part == "ours_score_batched":
+    first = None
+    if part in ("ours_score_batched", "ours_score_flex"):
         from omegaconf import OmegaConf
 
         from prefopt.reward import build_reward
@@ -148,9 +149,14 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
             "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer", "checkpoint_dir": str(rm_dir),
                              "checkpoint_files": ["model.safetensors"], "model_type": "REWARD", "output_dir": str(rm_dir.parent / "unused")},
             "batch_size": args.rm_batch,
+            # ours_score_flex: the rows through FlexAttention with a BlockMask, compiled on the CPU
+            # (the default on CUDA); ours_score_batched: SDPA with a dense mask (the CPU's default)
+            "flex_attention": part == "ours_score_flex",
         })
         rm = build_reward(block)
-        rm.score_ids(seqs[: args.rm_batch], groups=keys[: args.rm_batch])  # warm-up
+        t0 = time.perf_counter()
+        rm.score_ids(seqs[: args.rm_batch], groups=keys[: args.rm_batch])  # warm-up (FlexAttention's one compile)
+        first = time.perf_counter() - t0
         t0 = time.perf_counter()
         with pack(rm.model):  # (timed, as for generation)
             scores = rm.score_ids(seqs, groups=keys)
@@ -165,7 +171,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
     sec = time.perf_counter() - t0
     tokens = sum(map(len, seqs))
     return {"part": part, "sequences": len(seqs), "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec,
-            "peak_rss_mib": _peak_mib(), "scores_head": [round(x, 5) for x in scores[:3]]}
+            "peak_rss_mib": _peak_mib(), "scores_head": [round(x, 5) for x in scores[:3]], "warmup_seconds": first}
 
 
 def make_reward_model(rm_dir: Path, shape_name: str) -> None:
@@ -244,7 +250,8 @@ def main() -> None:
           f"({args.batch * args.k} rows) per batch, {args.max_new_tokens} new tokens at most, prompts {args.prompt_min}-{args.prompt_max} tokens"
           + (f", the last {args.stop_ids} vocabulary ids stop a response" if args.stop_ids else ", no stop token"))
     names = {"ours_generate": "prefopt.generation.generate_batch", "hf_generate": "transformers generate (KV cache)",
-             "ours_score_batched": f"prefopt.reward, a prompt's k responses in one row, forwards of {args.rm_batch}",
+             "ours_score_batched": f"prefopt.reward, a prompt's k responses in one row, forwards of {args.rm_batch}, dense mask (SDPA)",
+             "ours_score_flex": "the same, FlexAttention with a BlockMask (flex_attention: True)",
              "hf_score_one_at_a_time": "transformers, one sequence at a time"}
     print("| measurement | tokens/s (median) | all runs | peak RSS (MiB) |\n| --- | --- | --- | --- |")
     for part, r in results.items():
@@ -253,9 +260,11 @@ def main() -> None:
         g, hg = results["ours_generate"], results["hf_generate"]
         print(f"\ngeneration: {g['tokens_per_second'] / hg['tokens_per_second']:.2f}x transformers")
     if "score" in args.parts:
-        s, hs = results["ours_score_batched"], results["hf_score_one_at_a_time"]
-        diff = max(abs(a - b) for a, b in zip(s["scores_head"], hs["scores_head"]))
-        print(f"scoring: {s['tokens_per_second'] / hs['tokens_per_second']:.2f}x one at a time "
+        s, f, hs = results["ours_score_batched"], results["ours_score_flex"], results["hf_score_one_at_a_time"]
+        diff = max(abs(a - b) for r in (s, f) for a, b in zip(r["scores_head"], hs["scores_head"]))
+        print(f"scoring: {s['tokens_per_second'] / hs['tokens_per_second']:.2f}x one at a time with the dense mask, "
+              f"{f['tokens_per_second'] / hs['tokens_per_second']:.2f}x with FlexAttention (its warm-up batch, with the "
+              f"one compile: {f['warmup_seconds']:.1f} s; the dense one's {s['warmup_seconds']:.1f} s) "
               f"({args.rm_prompts} prompts of {args.rm_prompt_min}-{args.rm_prompt_max} tokens x k={args.k} responses of "
               f"{args.rm_response_min}-{args.rm_response_max} tokens; first scores differ by {diff:.1e})")
 

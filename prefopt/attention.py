@@ -98,7 +98,7 @@ def packed_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
         raise RuntimeError(
             "the packed layout's FlexAttention would run uncompiled (torch._dynamo is disabled, "
             "TORCHDYNAMO_DISABLE?): unfused, it materialises [rows, heads, L, L] scores in every layer. "
-            "Enable Dynamo, or set packed: False."
+            "Enable Dynamo, or set packed: False (training) / reward.flex_attention: False (scoring)."
         )
     if _compiled is None:
         _compiled = torch.compile(_flex, dynamic=True, fullgraph=True)
@@ -124,7 +124,7 @@ def packed_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
             f"({torch._dynamo.config.recompile_limit}) after {flex_compile_count()} compiles (last shape "
             f"{tuple(q.shape)}): uncompiled it would materialise [rows, heads, L, L] scores in every layer, "
             f"so it stops here. It is meant to compile {FLEX_COMPILES}x per process; set packed: False to "
-            f"train with the padded layout."
+            f"train with the padded layout (reward.flex_attention: False to score with a dense mask)."
         ) from e
     n = flex_compile_count()
     if n != _seen:

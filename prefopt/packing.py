@@ -18,7 +18,8 @@ pairs exactly, so that the loss and every metric are the same quantities as in t
 :func:`row_layout` chooses the rows; :func:`prefopt.collate.packed_collate_preference` lays the
 tokens out. The attention mask is described by two ``[R, L]`` tensors (``doc_pair``: which pair a position
 belongs to, a unique id per padding position; ``doc_kind``: 0 shared, 1 chosen, 2 rejected,
-3 padding) and built on the device by :func:`packed_attention_mask`: a dense boolean
+3 padding: a position sees the earlier positions of its pair that are shared or of its own kind)
+and built on the device by :func:`packed_attention_mask`: a dense boolean
 ``[R, L, L]`` on the CPU (FlexAttention has no backward on the CPU in torch 2.13), a
 FlexAttention ``BlockMask`` on CUDA, run by :mod:`prefopt.attention` (compiled once for every
 length: see there why).
@@ -185,8 +186,8 @@ def packed_share(prompt_lens: np.ndarray, chosen_lens: np.ndarray, rejected_lens
 def _mask_mod(doc_pair: torch.Tensor, doc_kind: torch.Tensor):
     def mask_mod(b, h, q, kv):
         same = doc_pair[b, q] == doc_pair[b, kv]
-        crosses = (doc_kind[b, q] == REJECTED) & (doc_kind[b, kv] == CHOSEN)
-        return same & (kv <= q) & ~crosses
+        sees = (doc_kind[b, kv] == SHARED) | (doc_kind[b, kv] == doc_kind[b, q])
+        return same & (kv <= q) & sees
 
     return mask_mod
 
@@ -196,7 +197,9 @@ def packed_attention_mask(doc_pair: torch.Tensor, doc_kind: torch.Tensor, *, blo
 
     Args:
         doc_pair (torch.Tensor): ``[R, L]`` pair id of each position (unique per padding position).
-        doc_kind (torch.Tensor): ``[R, L]`` 0 shared, 1 chosen, 2 rejected, 3 padding.
+        doc_kind (torch.Tensor): ``[R, L]`` 0 shared, 1 chosen, 2 rejected, 3 padding; in general
+            0 shared and any other value one part of the document (a reward model's k responses
+            of one prompt: :meth:`prefopt.reward.RewardModel.score_ids`).
         block_mask (Optional[bool]): a FlexAttention ``BlockMask`` (True) or a dense boolean
             ``[R, L, L]`` (False, True = attend, torchtune's convention); default: BlockMask on
             CUDA, dense elsewhere (FlexAttention has no backward on the CPU in torch 2.13).
@@ -205,8 +208,9 @@ def packed_attention_mask(doc_pair: torch.Tensor, doc_kind: torch.Tensor, *, blo
         A ``[R, L, L]`` bool tensor, or a ``BlockMask`` over the ``R`` rows laid end to end (one
         row of ``R x L`` positions: :func:`prefopt.attention.packed_flex_attention` views ``R``
         rows that way, so that FlexAttention always sees one row; see :mod:`prefopt.attention`):
-        query ``q`` attends to key ``kv`` iff both belong to the same pair, ``kv <= q``, and not
-        (``q`` rejected and ``kv`` chosen).
+        query ``q`` attends to key ``kv`` iff both belong to the same pair, ``kv <= q``, and
+        ``kv`` is shared or of ``q``'s kind (a rejected token never sees the chosen response; a
+        chosen one cannot see the rejected response, which comes after it).
     """
     if block_mask is None:
         block_mask = doc_pair.is_cuda
@@ -216,8 +220,8 @@ def packed_attention_mask(doc_pair: torch.Tensor, doc_kind: torch.Tensor, *, blo
         return _flex_block_mask(doc_pair.reshape(-1).clone(), doc_kind.reshape(-1).clone())
     same = doc_pair[:, :, None] == doc_pair[:, None, :]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=doc_pair.device).tril_()
-    crosses = (doc_kind[:, :, None] == REJECTED) & (doc_kind[:, None, :] == CHOSEN)
-    return same & causal & ~crosses
+    sees = (doc_kind[:, None, :] == SHARED) | (doc_kind[:, :, None] == doc_kind[:, None, :])
+    return same & causal & sees
 
 
 def _flex_block_mask(pair: torch.Tensor, kind: torch.Tensor, chunk: int = 8 * _FLEX_BLOCK):
@@ -245,7 +249,7 @@ def _flex_block_mask(pair: torch.Tensor, kind: torch.Tensor, chunk: int = 8 * _F
         q, kv = slice(a, e), slice(0, e)
         m = pair_p[q, None] == pair_p[None, kv]
         m &= idx[kv][None, :] <= idx[q][:, None]
-        m &= ~((kind_p[q, None] == REJECTED) & (kind_p[None, kv] == CHOSEN))
+        m &= (kind_p[None, kv] == SHARED) | (kind_p[q, None] == kind_p[None, kv])
         m &= valid[q, None] & valid[None, kv]
         m = m.view((e - a) // bs, bs, e // bs, bs)
         some, every = m.any(3).any(1), m.all(3).all(1)

@@ -36,9 +36,10 @@ from torchtune import config, training
 from torchtune.data import Message
 from torchtune.modules import TransformerDecoder
 
+from prefopt.attention import use_flex_attention
 from prefopt.cpu_linear import packed_linears
 from prefopt.generation import output_at_one_position
-from prefopt.packing import common_prefix, packing_unsupported_reason
+from prefopt.packing import MIN_FLEX_LEN, PAD, SHARED, common_prefix, packed_attention_mask, packing_unsupported_reason
 
 __all__ = [
     "Reward",
@@ -56,6 +57,7 @@ __all__ = [
     "TINY_TOPICS",
     "reward_settings",
     "shared_prefix_layout",
+    "shared_rows",
 ]
 
 
@@ -117,13 +119,23 @@ class RewardModel(Reward):
             cards score with) does not, so the default drops it and the score is read at ``<|eot_id|>``.
         device: where the model is.
         name (str): what the output file names as the reward.
+        flex_attention (Optional[bool]): attention over the rows of k responses sharing a prompt
+            through FlexAttention with a ``BlockMask`` (True), which skips the masked blocks (a
+            response never sees another's tokens), or SDPA with a dense boolean ``[L, L]`` mask
+            (False), which computes every query against every key of the row: ~``(P + kR)^2``
+            where one conversation at a time costs ``k (P + R)^2 / 2``. Default (None): True on
+            CUDA, False elsewhere, as the training step's packed layout. On the CPU FlexAttention
+            is compiled (once per process, a C++ compiler needed) and pays from rows of a few
+            hundred tokens (``benchmarks/results/generation.md``).
 
     Raises:
-        ValueError: a model whose output layer does not have exactly one output.
+        ValueError: a model whose output layer does not have exactly one output, or
+            ``flex_attention`` for a model whose attention takes no arbitrary mask.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, batch_size: int = 8, add_eos: bool = False,
-                 device: torch.device = torch.device("cpu"), name: str = "reward model") -> None:
+                 device: torch.device = torch.device("cpu"), name: str = "reward model",
+                 flex_attention: Optional[bool] = None) -> None:
         super().__init__()
         out_features = getattr(getattr(model, "output", None), "out_features", None)
         if out_features != 1:
@@ -134,6 +146,15 @@ class RewardModel(Reward):
         self.add_eos = add_eos
         self.device = torch.device(device)
         self.name = name
+        if flex_attention and not self._shares_prefixes:
+            raise ValueError(f"reward.flex_attention: {packing_unsupported_reason(self.model)}")
+        if flex_attention and self._row_limit < MIN_FLEX_LEN:
+            raise ValueError(f"reward.flex_attention: the reward model's max_seq_len ({self._row_limit}) is under "
+                             f"FlexAttention's shortest row ({MIN_FLEX_LEN} positions, prefopt.packing.MIN_FLEX_LEN)")
+        wanted = self.device.type == "cuda" if flex_attention is None else bool(flex_attention)
+        self.flex_attention = wanted and self._shares_prefixes and self._row_limit >= MIN_FLEX_LEN
+        if self.flex_attention:
+            use_flex_attention(self.model)  # a BlockMask goes to FlexAttention, any other mask to SDPA
 
     def encode(self, prompt: Sequence[Mapping[str, str]], response: str) -> List[int]:
         """Token ids of the conversation ``prompt + [assistant: response]`` in the reward
@@ -158,7 +179,8 @@ class RewardModel(Reward):
         out in one row as their common token prefix once, then each one's remaining tokens
         (:func:`shared_prefix_layout`): the prompt of k responses is computed once, not k times.
         A row's mask lets each response see the prefix and itself only, and its positions
-        continue the prefix's, so each scores what it would alone (to float rounding). Forwards
+        continue the prefix's, so each scores what it would alone (to float rounding); with
+        ``flex_attention`` the mask is a ``BlockMask`` and the masked blocks cost nothing. Forwards
         hold whole groups of up to ``batch_size`` sequences (a larger group alone). Models whose
         attention takes no arbitrary mask (:func:`prefopt.packing.packing_unsupported_reason`)
         are scored without it.
@@ -207,7 +229,8 @@ class RewardModel(Reward):
         members: Dict[Any, List[int]] = {}
         for i, key in enumerate(groups):
             members.setdefault(key, []).append(i)
-        units = [(idx, shared_prefix_layout([sequences[i] for i in idx])) for idx in members.values()]
+        units = [(part, shared_prefix_layout([sequences[i] for i in part]))
+                 for idx in members.values() for part in shared_rows(sequences, idx, self._row_limit)]
         units.sort(key=lambda u: u[1][0].numel())
         scores: List[float] = [0.0] * len(sequences)
         pad = getattr(self.tokenizer, "pad_id", 0) or 0
@@ -219,18 +242,23 @@ class RewardModel(Reward):
                 end += 1
             batch = units[start:end]
             width = max(u[1][0].numel() for u in batch)
+            if self.flex_attention:  # FlexAttention's rows: at least two blocks (prefopt.attention)
+                width = max(width, MIN_FLEX_LEN)
             most = max(len(u[0]) for u in batch)
             tokens = torch.full((len(batch), width), pad, dtype=torch.long)
             positions = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)  # padding sees itself only
+            # the packed layout's mask (prefopt.packing): a row is one document (its group), the
+            # prefix SHARED, each response its own part; every padding position its own document
+            doc = -1 - torch.arange(len(batch) * width).view(len(batch), width)
+            part = torch.full((len(batch), width), PAD, dtype=torch.long)
             last = torch.zeros((len(batch), most), dtype=torch.long)
-            for r, (_, (ids, pos, m, ends)) in enumerate(batch):
+            for r, (_, (ids, pos, parts, ends)) in enumerate(batch):
                 n = ids.numel()
-                tokens[r, :n], positions[r, :n], mask[r, :n, :n] = ids, pos, m
+                tokens[r, :n], positions[r, :n], doc[r, :n], part[r, :n] = ids, pos, r, parts
                 last[r, :ends.numel()] = ends
+            mask = packed_attention_mask(doc.to(self.device), part.to(self.device), block_mask=self.flex_attention)
             with output_at_one_position(self.model, last.to(self.device)):
-                out = self.model(tokens.to(self.device), mask=mask.to(self.device),
-                                 input_pos=positions.to(self.device))  # [b, most, 1]
+                out = self.model(tokens.to(self.device), mask=mask, input_pos=positions.to(self.device))  # [b, most, 1]
             values = out[..., 0].float().tolist()
             for r, (idx, _) in enumerate(batch):
                 for j, i in enumerate(idx):
@@ -240,6 +268,12 @@ class RewardModel(Reward):
 
     def packed(self) -> ContextManager[Any]:
         return packed_linears(self.model)
+
+    @property
+    def _row_limit(self) -> int:
+        # torchtune's decoder refuses rows longer than its max_seq_len (a row holds a prompt once
+        # and several responses, more than any one conversation)
+        return self.model.max_seq_len
 
     @functools.cached_property
     def _shares_prefixes(self) -> bool:
@@ -251,42 +285,71 @@ class RewardModel(Reward):
                               groups=[json.dumps(p, sort_keys=True) for p in prompts])
 
 
+def shared_rows(sequences: Sequence[Sequence[int]], members: Sequence[int], limit: int) -> List[List[int]]:
+    """``members`` (indices into ``sequences``, one group) split, in order, into runs whose
+    :func:`shared_prefix_layout` row has at most ``limit`` positions: each run as long as the next
+    member still fits (its common prefix once, then each member's own tokens). Pure.
+
+    Raises:
+        ValueError: a member longer than ``limit`` alone.
+    """
+    runs: List[List[int]] = []
+    run: List[int] = []
+    for i in members:
+        if len(sequences[i]) > limit:
+            raise ValueError(f"a sequence of {len(sequences[i])} tokens does not fit a row of {limit}")
+        if run and _layout_length([sequences[j] for j in run + [i]]) > limit:
+            runs.append(run)
+            run = []
+        run.append(i)
+    return runs + [run] if run else runs
+
+
+def _prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    # the prefix all share (each sequence's with the first), every sequence keeping its last token
+    first = np.asarray(sequences[0])
+    return min([len(s) - 1 for s in sequences] + [common_prefix(first, np.asarray(s)) for s in sequences[1:]])
+
+
+def _layout_length(sequences: Sequence[Sequence[int]]) -> int:
+    p = _prefix_length(sequences)
+    return p + sum(len(s) - p for s in sequences)
+
+
 def shared_prefix_layout(sequences: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One row holding ``sequences``: their common token prefix once (each keeps at least its
     last token of its own), then what each has after it, in order. Pure.
 
     Returns:
         (ids ``[n]``, positions ``[n]`` (each sequence's own: the prefix's, then continuing from
-        it), mask ``[n, n]`` bool (True: may attend; causal within the prefix and within each
-        sequence's own part, which also sees the whole prefix, never another's part), ends ``[k]``
-        (the index in the row of each sequence's last token)).
+        it), parts ``[n]`` (0 = :data:`prefopt.packing.SHARED` for the prefix, ``j + 1`` for the
+        ``j``-th sequence's own tokens: as ``doc_kind`` of :func:`prefopt.packing.packed_attention_mask`,
+        causal within the prefix and within each part, which also sees the whole prefix, never
+        another's part), ends ``[k]`` (the index in the row of each sequence's last token)).
 
     Raises:
         ValueError: no sequences, or an empty one.
     """
     if not sequences or min(map(len, sequences)) == 0:
         raise ValueError("shared_prefix_layout needs one or more non-empty sequences")
-    first = np.asarray(sequences[0])
-    # the prefix all share (each sequence's with the first), every sequence keeping its last token
-    p = min([len(s) - 1 for s in sequences] + [common_prefix(first, np.asarray(s)) for s in sequences[1:]])
+    first = sequences[0]
+    p = _prefix_length(sequences)
     n = p + sum(len(s) - p for s in sequences)
     ids = torch.empty(n, dtype=torch.long)
     positions = torch.empty(n, dtype=torch.long)
-    mask = torch.zeros((n, n), dtype=torch.bool)
+    parts = torch.full((n,), SHARED, dtype=torch.long)
     ids[:p] = torch.tensor(list(first[:p]), dtype=torch.long)
     positions[:p] = torch.arange(p)
-    mask[:p, :p] = torch.ones((p, p), dtype=torch.bool).tril()
     ends = []
     at = p
-    for s in sequences:
+    for j, s in enumerate(sequences):
         m = len(s) - p
         ids[at:at + m] = torch.tensor(list(s[p:]), dtype=torch.long)
         positions[at:at + m] = torch.arange(p, p + m)
-        mask[at:at + m, :p] = True
-        mask[at:at + m, at:at + m] = torch.ones((m, m), dtype=torch.bool).tril()
+        parts[at:at + m] = j + 1
         at += m
         ends.append(at - 1)
-    return ids, positions, mask, torch.tensor(ends, dtype=torch.long)
+    return ids, positions, parts, torch.tensor(ends, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,6 +400,7 @@ def reward_model(
     checkpointer: Mapping[str, Any],
     batch_size: int = 8,
     add_eos: bool = False,
+    flex_attention: Optional[bool] = None,
     device: Any = "cpu",
     dtype: Any = torch.float32,
 ) -> RewardModel:
@@ -363,7 +427,8 @@ def reward_model(
     net.load_state_dict(state, strict=True)
     tok = config.instantiate(_as_config(tokenizer))
     name = str(checkpointer.get("checkpoint_dir", "reward model"))
-    return RewardModel(net, tok, batch_size=batch_size, add_eos=add_eos, device=device, name=name)
+    return RewardModel(net, tok, batch_size=batch_size, add_eos=add_eos, device=device, name=name,
+                       flex_attention=flex_attention)
 
 
 reward_model.builds_reward = True  # build_reward: call it with device/dtype, do not wrap it
