@@ -15,8 +15,10 @@ responses per prompt (``--rm-prompts`` prompts of ``--rm-prompt-min..max`` token
 responses of ``--rm-response-min..max`` tokens; uniform lengths, a prompt about half as long as a
 response: UltraFeedback's prompts are ~1/3 of an on-policy response); our ``RewardModel.score_ids``
 with the prompt as each sequence's group (its tokens computed once per prompt; forwards of up to
-``--rm-batch`` sequences) against ``model(input_ids)`` one sequence at a time (princeton's
-``reward_model_annotate.py``). Each measurement runs in its own process, so its peak RSS is its
+``--rm-batch`` sequences), twice: with one SDPA call per prompt and per response (the CPU's
+default) and with FlexAttention's BlockMask (``flex_attention: True``, the CUDA default; compiled
+in the untimed warm-up batch, whose time is reported), against ``model(input_ids)`` one sequence at a time
+(princeton's ``reward_model_annotate.py``). Each measurement runs in its own process, so its peak RSS is its
 own; the first batch of each is a warm-up and is not timed. The measurements alternate,
 ``--repeats`` times each, and each one's median is reported.
 """
@@ -150,7 +152,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
                              "checkpoint_files": ["model.safetensors"], "model_type": "REWARD", "output_dir": str(rm_dir.parent / "unused")},
             "batch_size": args.rm_batch,
             # ours_score_flex: the rows through FlexAttention with a BlockMask, compiled on the CPU
-            # (the default on CUDA); ours_score_batched: SDPA with a dense mask (the CPU's default)
+            # (the default on CUDA); ours_score_batched: per-part SDPA calls (the CPU's default)
             "flex_attention": part == "ours_score_flex",
         })
         rm = build_reward(block)
@@ -250,7 +252,7 @@ def main() -> None:
           f"({args.batch * args.k} rows) per batch, {args.max_new_tokens} new tokens at most, prompts {args.prompt_min}-{args.prompt_max} tokens"
           + (f", the last {args.stop_ids} vocabulary ids stop a response" if args.stop_ids else ", no stop token"))
     names = {"ours_generate": "prefopt.generation.generate_batch", "hf_generate": "transformers generate (KV cache)",
-             "ours_score_batched": f"prefopt.reward, a prompt's k responses in one row, forwards of {args.rm_batch}, dense mask (SDPA)",
+             "ours_score_batched": f"prefopt.reward, a prompt's k responses in one row, forwards of {args.rm_batch}, per-part SDPA",
              "ours_score_flex": "the same, FlexAttention with a BlockMask (flex_attention: True)",
              "hf_score_one_at_a_time": "transformers, one sequence at a time"}
     print("| measurement | tokens/s (median) | all runs | peak RSS (MiB) |\n| --- | --- | --- | --- |")
@@ -262,7 +264,7 @@ def main() -> None:
     if "score" in args.parts:
         s, f, hs = results["ours_score_batched"], results["ours_score_flex"], results["hf_score_one_at_a_time"]
         diff = max(abs(a - b) for r in (s, f) for a, b in zip(r["scores_head"], hs["scores_head"]))
-        print(f"scoring: {s['tokens_per_second'] / hs['tokens_per_second']:.2f}x one at a time with the dense mask, "
+        print(f"scoring: {s['tokens_per_second'] / hs['tokens_per_second']:.2f}x one at a time with per-part SDPA, "
               f"{f['tokens_per_second'] / hs['tokens_per_second']:.2f}x with FlexAttention (its warm-up batch, with the "
               f"one compile: {f['warmup_seconds']:.1f} s; the dense one's {s['warmup_seconds']:.1f} s) "
               f"({args.rm_prompts} prompts of {args.rm_prompt_min}-{args.rm_prompt_max} tokens x k={args.k} responses of "

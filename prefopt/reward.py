@@ -36,7 +36,7 @@ from torchtune import config, training
 from torchtune.data import Message
 from torchtune.modules import TransformerDecoder
 
-from prefopt.attention import use_flex_attention
+from prefopt.attention import SharedPrefixRows, use_packed_attention
 from prefopt.cpu_linear import packed_linears
 from prefopt.generation import output_at_one_position
 from prefopt.packing import MIN_FLEX_LEN, PAD, SHARED, common_prefix, packed_attention_mask, packing_unsupported_reason
@@ -119,14 +119,12 @@ class RewardModel(Reward):
             cards score with) does not, so the default drops it and the score is read at ``<|eot_id|>``.
         device: where the model is.
         name (str): what the output file names as the reward.
-        flex_attention (Optional[bool]): attention over the rows of k responses sharing a prompt
-            through FlexAttention with a ``BlockMask`` (True), which skips the masked blocks (a
-            response never sees another's tokens), or SDPA with a dense boolean ``[L, L]`` mask
-            (False), which computes every query against every key of the row: ~``(P + kR)^2``
-            where one conversation at a time costs ``k (P + R)^2 / 2``. Default (None): True on
-            CUDA, False elsewhere, as the training step's packed layout. On the CPU FlexAttention
-            is compiled (once per process, a C++ compiler needed) and pays from rows of a few
-            hundred tokens (``benchmarks/results/generation.md``).
+        flex_attention (Optional[bool]): how a row of a prompt and its k responses attends
+            (:mod:`prefopt.attention`): FlexAttention with a ``BlockMask`` (True; compiled once
+            per process, on the CPU with a C++ compiler), or one SDPA call per prompt and per
+            response (False). Both compute only what a response may see, never another
+            response's tokens. Default (None): True on CUDA (one fused kernel a layer), False
+            elsewhere (no compile, and faster on the CPU: ``benchmarks/results/generation.md``).
 
     Raises:
         ValueError: a model whose output layer does not have exactly one output, or
@@ -153,8 +151,8 @@ class RewardModel(Reward):
                              f"FlexAttention's shortest row ({MIN_FLEX_LEN} positions, prefopt.packing.MIN_FLEX_LEN)")
         wanted = self.device.type == "cuda" if flex_attention is None else bool(flex_attention)
         self.flex_attention = wanted and self._shares_prefixes and self._row_limit >= MIN_FLEX_LEN
-        if self.flex_attention:
-            use_flex_attention(self.model)  # a BlockMask goes to FlexAttention, any other mask to SDPA
+        if self._shares_prefixes:
+            use_packed_attention(self.model)  # our masks to FlexAttention / per-part SDPA, None to torchtune's SDPA
 
     def encode(self, prompt: Sequence[Mapping[str, str]], response: str) -> List[int]:
         """Token ids of the conversation ``prompt + [assistant: response]`` in the reward
@@ -179,8 +177,9 @@ class RewardModel(Reward):
         out in one row as their common token prefix once, then each one's remaining tokens
         (:func:`shared_prefix_layout`): the prompt of k responses is computed once, not k times.
         A row's mask lets each response see the prefix and itself only, and its positions
-        continue the prefix's, so each scores what it would alone (to float rounding); with
-        ``flex_attention`` the mask is a ``BlockMask`` and the masked blocks cost nothing. Forwards
+        continue the prefix's, so each scores what it would alone (to float rounding); the mask
+        is a ``BlockMask`` (``flex_attention``) or a :class:`prefopt.attention.SharedPrefixRows`,
+        neither of which computes what a response may not see. Forwards
         hold whole groups of up to ``batch_size`` sequences (a larger group alone). Models whose
         attention takes no arbitrary mask (:func:`prefopt.packing.packing_unsupported_reason`)
         are scored without it.
@@ -247,16 +246,12 @@ class RewardModel(Reward):
             most = max(len(u[0]) for u in batch)
             tokens = torch.full((len(batch), width), pad, dtype=torch.long)
             positions = torch.zeros((len(batch), width), dtype=torch.long)
-            # the packed layout's mask (prefopt.packing): a row is one document (its group), the
-            # prefix SHARED, each response its own part; every padding position its own document
-            doc = -1 - torch.arange(len(batch) * width).view(len(batch), width)
-            part = torch.full((len(batch), width), PAD, dtype=torch.long)
             last = torch.zeros((len(batch), most), dtype=torch.long)
             for r, (_, (ids, pos, parts, ends)) in enumerate(batch):
                 n = ids.numel()
-                tokens[r, :n], positions[r, :n], doc[r, :n], part[r, :n] = ids, pos, r, parts
+                tokens[r, :n], positions[r, :n] = ids, pos
                 last[r, :ends.numel()] = ends
-            mask = packed_attention_mask(doc.to(self.device), part.to(self.device), block_mask=self.flex_attention)
+            mask = self._mask([u[1][2] for u in batch], width)
             with output_at_one_position(self.model, last.to(self.device)):
                 out = self.model(tokens.to(self.device), mask=mask, input_pos=positions.to(self.device))  # [b, most, 1]
             values = out[..., 0].float().tolist()
@@ -265,6 +260,21 @@ class RewardModel(Reward):
                     scores[i] = values[r][j]
             start = end
         return scores
+
+    def _mask(self, parts: Sequence[torch.Tensor], width: int) -> Any:
+        # parts: each row's shared_prefix_layout parts ([n], 0 for the prefix, j + 1 for response j)
+        if not self.flex_attention:
+            return SharedPrefixRows(
+                prefix=tuple(int((p == SHARED).sum()) for p in parts),
+                parts=tuple(tuple(torch.bincount(p)[1:].tolist()) for p in parts),
+            )
+        # the packed layout's BlockMask (prefopt.packing): a row is one document (its group), the
+        # prefix SHARED, each response its own part; every padding position its own document
+        doc = -1 - torch.arange(len(parts) * width).view(len(parts), width)
+        kind = torch.full((len(parts), width), PAD, dtype=torch.long)
+        for r, p in enumerate(parts):
+            doc[r, :p.numel()], kind[r, :p.numel()] = r, p
+        return packed_attention_mask(doc.to(self.device), kind.to(self.device), block_mask=True)
 
     def packed(self) -> ContextManager[Any]:
         return packed_linears(self.model)

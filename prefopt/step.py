@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from prefopt.attention import use_flex_attention
+from prefopt.attention import use_packed_attention
 from prefopt.logprobs import SequenceLogps, model_sequence_logps
 from prefopt.packing import packed_attention_mask
 
@@ -102,7 +102,7 @@ def preference_forward(
             batch["doc_pair"].to(device, non_blocking=True), batch["doc_kind"].to(device, non_blocking=True)
         )
         if not isinstance(mask, torch.Tensor):  # a BlockMask (CUDA): FlexAttention compiled once, any length
-            use_flex_attention(model)
+            use_packed_attention(model)
     out = model_sequence_logps(
         model, tokens, plan=plan, mask=mask, input_pos=input_pos, num_chunks=num_chunks, average=False
     )

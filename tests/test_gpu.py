@@ -87,6 +87,36 @@ def test_block_mask_packed_equals_padded():
         assert_close(g, ref_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
+def _reward_scores(device, flex_attention=None):
+    """A tiny one-output Llama scoring 3 prompts' responses (groups of 4, 1 and 3) with the
+    prompts shared in rows, and each conversation alone (the padded layout, causal SDPA)."""
+    from torchtune.models.llama2 import llama2_classifier
+
+    from prefopt.reward import RewardModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = llama2_classifier(num_classes=1, vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2,
+                                embed_dim=128, max_seq_len=512, intermediate_dim=256)
+    rm = RewardModel(net, None, batch_size=5, device=torch.device(device), flex_attention=flex_attention)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (90, 5, 40)]
+    keys = [0, 0, 0, 0, 1, 2, 2, 2]
+    seqs = [prompts[k] + torch.randint(1, V, (int(n),), generator=g).tolist()
+            for k, n in zip(keys, torch.randint(1, 120, (len(keys),), generator=g))]
+    return rm, rm.score_ids(seqs, groups=keys), rm.score_ids(seqs)
+
+
+@pytest.mark.parametrize("flex_attention", [None, False])
+def test_reward_rows_score_as_alone(flex_attention):
+    """On CUDA a reward model's rows of a prompt's responses go through FlexAttention with a
+    BlockMask (reward.flex_attention's default there) or per-part SDPA (False); each response
+    scores what it scores alone, fp32: 1e-4."""
+    rm, shared, alone = _reward_scores("cuda", flex_attention)
+    assert rm.flex_attention == (flex_attention is None)
+    assert shared == pytest.approx(alone, abs=1e-4)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_step_makes_no_host_sync(packed):
     """CUDA's sync debug mode raises on any synchronizing call inside the step's forward and

@@ -309,12 +309,12 @@ def test_flex_attention_compiles_once_for_varying_lengths():
     from torch._dynamo.utils import counters
     from torchtune.models.llama3_2 import llama3_2
 
-    from prefopt.attention import FLEX_COMPILES, flex_compile_count, use_flex_attention
+    from prefopt.attention import FLEX_COMPILES, flex_compile_count, use_packed_attention
 
     torch.manual_seed(0)
     model = llama3_2(vocab_size=V, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, max_seq_len=2048,
                      intermediate_dim=64).eval()
-    assert use_flex_attention(model) == 2 and use_flex_attention(model) == 0  # idempotent
+    assert use_packed_attention(model) == 2 and use_packed_attention(model) == 0  # idempotent
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
     items = _ultrafeedback_like_items(60)
@@ -332,3 +332,32 @@ def test_flex_attention_compiles_once_for_varying_lengths():
         assert flex_compile_count() == FLEX_COMPILES, f"micro-batch {k} {tuple(batch['tokens'].shape)} compiled again"
     assert counters["stats"]["unique_graphs"] - graphs == FLEX_COMPILES
     assert len(shapes) >= 25 and {r for r, _ in shapes} == {1, 2}  # ~a new shape every micro-batch
+
+
+def test_shared_prefix_attention_equals_the_dense_mask():
+    """A reward model's rows (prefopt.attention.SharedPrefixRows: a prefix, then parts that see it
+    and themselves): one SDPA call per prefix and part equals SDPA under the packed layout's dense
+    mask of the same rows (doc_kind 0 for the prefix, j + 1 for part j), to 1e-6 on every real
+    position; rows with no prefix, one part, and padding; padding positions come out 0."""
+    from prefopt.attention import SharedPrefixRows, shared_prefix_attention
+
+    g = torch.Generator().manual_seed(0)
+    rows = SharedPrefixRows(prefix=(5, 0, 3), parts=((4, 1, 6), (7,), (2, 2)))
+    R, H, L, D = 3, 2, 16, 8
+    q, k, v = (torch.randn(R, H, L, D, generator=g) for _ in range(3))
+    doc = -1 - torch.arange(R * L).view(R, L)
+    kind = torch.full((R, L), 3)
+    for r, (p, parts) in enumerate(zip(rows.prefix, rows.parts)):
+        n = p + sum(parts)
+        doc[r, :n] = r
+        kind[r, :n] = torch.repeat_interleave(torch.arange(len(parts) + 1), torch.tensor((p, *parts)))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=packed_attention_mask(doc, kind, block_mask=False)[:, None])
+    out = shared_prefix_attention(q, k, v, rows)
+    real = doc >= 0
+    assert_close(out.transpose(1, 2)[real], dense.transpose(1, 2)[real], atol=1e-6, rtol=1e-6)
+    assert out.transpose(1, 2)[~real].abs().sum() == 0 and (~real).sum() == 0 + 9 + 9
+    with pytest.raises(ValueError, match="2 rows for 3"):
+        shared_prefix_attention(q, k, v, SharedPrefixRows(prefix=(1, 1), parts=((1,), (1,))))
+    with pytest.raises(ValueError, match="row 0: a prefix of 10 and parts of 7 positions in a row of 16"):
+        shared_prefix_attention(q, k, v, SharedPrefixRows(prefix=(10, 0, 0), parts=((7,), (1,), (1,))))
