@@ -258,15 +258,22 @@ def main() -> None:
     print("| measurement | tokens/s (median) | all runs | peak RSS (MiB) |\n| --- | --- | --- | --- |")
     for part, r in results.items():
         print(f"| {names[part]} | {r['tokens_per_second']:.1f} | {r['all_tokens_per_second']} | {r['peak_rss_mib']:.0f} |")
+
+    def paired(ours, theirs):  # the ratio within each alternation round (the same moment's load), sorted
+        return sorted(round(a["tokens_per_second"] / b["tokens_per_second"], 2) for a, b in zip(runs[ours], runs[theirs]))
+
     if "generate" in args.parts:
+        print(f"ratios within each round: {paired('ours_generate', 'hf_generate')}")
         g, hg = results["ours_generate"], results["hf_generate"]
         print(f"\ngeneration: {g['tokens_per_second'] / hg['tokens_per_second']:.2f}x transformers")
     if "score" in args.parts:
+        print(f"ratios within each round: per-part {paired('ours_score_batched', 'hf_score_one_at_a_time')}, "
+              f"FlexAttention {paired('ours_score_flex', 'hf_score_one_at_a_time')}")
         s, f, hs = results["ours_score_batched"], results["ours_score_flex"], results["hf_score_one_at_a_time"]
         diff = max(abs(a - b) for r in (s, f) for a, b in zip(r["scores_head"], hs["scores_head"]))
         print(f"scoring: {s['tokens_per_second'] / hs['tokens_per_second']:.2f}x one at a time with per-part SDPA, "
               f"{f['tokens_per_second'] / hs['tokens_per_second']:.2f}x with FlexAttention (its warm-up batch, with the "
-              f"one compile: {f['warmup_seconds']:.1f} s; the dense one's {s['warmup_seconds']:.1f} s) "
+              f"one compile: {f['warmup_seconds']:.1f} s; the per-part one's {s['warmup_seconds']:.1f} s) "
               f"({args.rm_prompts} prompts of {args.rm_prompt_min}-{args.rm_prompt_max} tokens x k={args.k} responses of "
               f"{args.rm_response_min}-{args.rm_response_max} tokens; first scores differ by {diff:.1e})")
 
