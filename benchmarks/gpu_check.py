@@ -35,9 +35,12 @@ Two kinds of run:
 - **fixed batch** (the rest): every step trains on the same 16 pairs (4 micro-batches of 4, in
   the same order), so that every measured step is the same work: the clean MFU figure.
 
-3. Last, the decoding line (``decode_eager``, ``decode_compiled``; benchmarks/_decode.py): the
+3. Then the decoding line (``decode_eager``, ``decode_compiled``; benchmarks/_decode.py): the
    on-policy sampler on the same 1B model, bf16, tokens/s and peak memory, eager and with a
    compiled decode step.
+4. Last, the scoring line (``score_rows``, ``score_one_at_a_time``; benchmarks/_score.py): a
+   one-output head on the same 1B model scoring a prompt's 5 responses in one row against one
+   conversation at a time, bf16, tokens/s and peak memory.
 """
 
 import argparse
@@ -63,6 +66,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._decode import DECODE_RUNS, DRY_DECODE_RUNS, render_decode, run_decode  # noqa: E402
+from benchmarks._score import DRY_SCORE_RUNS, SCORE_RUNS, render_score, run_score  # noqa: E402
 
 # Nothing downloaded: the hub stays off for everything this process (and its pytest) imports.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -557,7 +561,8 @@ def render(rows: List[Dict[str, Any]], info: Dict[str, Any], tests: Optional[Dic
            pending: Optional[List[str]] = None) -> str:
     peak = info["peak_tflops"]
     decode_rows = [r for r in rows if r["name"] in DECODE_RUNS]
-    rows = [r for r in rows if r["name"] not in DECODE_RUNS]
+    score_rows = [r for r in rows if r["name"] in SCORE_RUNS]
+    rows = [r for r in rows if r["name"] not in DECODE_RUNS and r["name"] not in SCORE_RUNS]
     shape = next((r["shape"] for r in rows if "shape" in r), None)
     out = [f"# GPU check{' (dry run: CPU, fp32, tiny shapes; the numbers mean nothing)' if args.dry_run else ''}", ""]
     out += [f"- date: {info['date']}", f"- device: {info['device']}",
@@ -623,6 +628,8 @@ def render(rows: List[Dict[str, Any]], info: Dict[str, Any], tests: Optional[Dic
                        f"| {_fmt(r.get('peak_run_gib'), '.2f')} | {_fmt(r.get('peak_ratio'), '.3f')} |")
     if decode_rows:
         out += render_decode(decode_rows, args.dry_run)
+    if score_rows:
+        out += render_score(score_rows, args.dry_run)
     if pending:
         out += ["", f"Still to run (report written mid-way): {', '.join(pending)}"]
     notes = [f"- {r['name']}: {r['baseline_gib']:.2f} GiB were still allocated before it (subtracted from its peak)"
@@ -691,8 +698,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None,
                    help=f"Markdown report (default {DEFAULT_OUT.relative_to(REPO)}; dry run {DEFAULT_DRY_OUT.relative_to(REPO)})")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    p.add_argument("--only", nargs="+", metavar="RUN", help=f"these runs only: {', '.join({**VARYING_MATRIX, **MATRIX, **DECODE_RUNS})} "
-                   f"(dry run: {', '.join({**DRY_VARYING_MATRIX, **DRY_MATRIX, **DRY_DECODE_RUNS})})")
+    p.add_argument("--only", nargs="+", metavar="RUN", help=f"these runs only: {', '.join({**VARYING_MATRIX, **MATRIX, **DECODE_RUNS, **SCORE_RUNS})} "
+                   f"(dry run: {', '.join({**DRY_VARYING_MATRIX, **DRY_MATRIX, **DRY_DECODE_RUNS, **DRY_SCORE_RUNS})})")
     p.add_argument("--steps", type=int, default=None, help="measured steps per fixed-batch run (default 8; dry run 2)")
     p.add_argument("--varying-steps", type=int, default=None,
                    help=f"steps after the first {VARYING_FIRST} per varying-length run (default 50; dry run 2)")
@@ -728,9 +735,9 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device here; use --dry-run on a CPU", file=sys.stderr)
         return 2
     # --dry-run --only NAME also takes the compiled rows (slow on a CPU; the default leaves them out)
-    default = ({**DRY_VARYING_MATRIX, **DRY_MATRIX, **DRY_DECODE_RUNS} if args.dry_run
-               else {**VARYING_MATRIX, **MATRIX, **DECODE_RUNS})
-    matrix = {**default, **VARYING_MATRIX, **MATRIX, **DECODE_RUNS}
+    default = ({**DRY_VARYING_MATRIX, **DRY_MATRIX, **DRY_DECODE_RUNS, **DRY_SCORE_RUNS} if args.dry_run
+               else {**VARYING_MATRIX, **MATRIX, **DECODE_RUNS, **SCORE_RUNS})
+    matrix = {**default, **VARYING_MATRIX, **MATRIX, **DECODE_RUNS, **SCORE_RUNS}
     unknown = sorted(set(args.only or ()) - set(matrix))
     if unknown:
         print(f"gpu_check: --only {unknown}: not runs of this mode; choose from {list(matrix)}", file=sys.stderr)
@@ -767,6 +774,8 @@ def main(argv=None) -> int:
             print(f"--- {name} ...", flush=True)
             if name in DECODE_RUNS:
                 row = run_decode(name, DECODE_RUNS[name], s, args.dry_run, args.seed)
+            elif name in SCORE_RUNS:
+                row = run_score(name, SCORE_RUNS[name], s, args.dry_run, args.seed)
             elif len(matrix[name]) > 4 and matrix[name][4]:  # varying lengths
                 row = run_one(name, matrix[name], s, varying_file, work / "runs", args.varying_steps, VARYING_FIRST,
                               args.seed, peak)
@@ -775,7 +784,7 @@ def main(argv=None) -> int:
             rows.append(row)
             if "error" in row:
                 print(row["traceback"], file=sys.stderr, flush=True)
-            what = row.get("error") or (f"{row['tokens_per_s']:,.0f} tokens/s" if name in DECODE_RUNS
+            what = row.get("error") or (f"{row['tokens_per_s']:,.0f} tokens/s" if name in DECODE_RUNS or name in SCORE_RUNS
                                         else f"median step {row['median_s']:.4f} s")
             print(f"--- {name}: {what} ({row['wall_s']:.0f} s)", flush=True)
             # the report so far, after every run: a run killed by a time limit keeps what it measured

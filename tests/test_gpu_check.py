@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_dry_run_gives_every_row_with_numbers(tmp_path):
-    from benchmarks.gpu_check import DRY_DECODE_RUNS, DRY_MATRIX, DRY_VARYING_MATRIX
+    from benchmarks.gpu_check import DRY_DECODE_RUNS, DRY_MATRIX, DRY_SCORE_RUNS, DRY_VARYING_MATRIX
 
     runs = {**DRY_VARYING_MATRIX, **DRY_MATRIX}  # the varying-length runs first, the decoding line last
 
@@ -30,8 +30,13 @@ def test_dry_run_gives_every_row_with_numbers(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     rows = json.loads(js.read_text())["rows"]
-    assert [r["name"] for r in rows] == [*runs, *DRY_DECODE_RUNS]
-    decode, rows = rows[len(runs):], rows[:len(runs)]
+    assert [r["name"] for r in rows] == [*runs, *DRY_DECODE_RUNS, *DRY_SCORE_RUNS]
+    score = rows[len(runs) + len(DRY_DECODE_RUNS):]
+    decode, rows = rows[len(runs):len(runs) + len(DRY_DECODE_RUNS)], rows[:len(runs)]
+    # 2 timed prompts x k = 2 responses, the same conversations on both sides: the same scores
+    assert all("error" not in r and r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in score), score
+    assert score[0]["batched"] and not score[1]["batched"] and score[0]["tokens"] == score[1]["tokens"]
+    assert score[0]["scores_head"] == pytest.approx(score[1]["scores_head"], abs=2e-4), score
     for r in decode:  # 2 timed batches of 2 prompts x k = 2 rows x 8 new tokens
         assert "error" not in r, r
         assert r["tokens"] == 2 * 4 * 8 and r["tokens_per_s"] > 0 and r["compiles_while_timed"] == 0, r
@@ -70,3 +75,6 @@ def test_dry_run_gives_every_row_with_numbers(tmp_path):
     decode_table = [ln for ln in lines if ln.startswith("| decode_")]
     assert [ln.split("|")[1].strip() for ln in decode_table] == list(DRY_DECODE_RUNS)
     assert all(re.fullmatch(r"[0-9,]+", ln.split("|")[3].strip()) for ln in decode_table), decode_table
+    score_table = [ln for ln in lines if ln.startswith("| score_")]
+    assert [ln.split("|")[1].strip() for ln in score_table] == list(DRY_SCORE_RUNS)
+    assert re.search(r"scoring: \*\*[0-9.]+x\*\* one at a time", text)
