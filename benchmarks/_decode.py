@@ -10,6 +10,7 @@ there, once: its KV caches are ``max_prompt + max_new_tokens`` long in every bat
 shapes do not change), then ``timed_batches`` more, timed.
 """
 
+import contextlib
 import gc
 import math
 import random
@@ -20,6 +21,28 @@ from typing import Any, Dict
 # name: compile the decode step?
 DECODE_RUNS = {"decode_eager": False, "decode_compiled": True}
 DRY_DECODE_RUNS = {"decode_eager": False}  # a compile takes minutes on 2 CPU cores
+
+
+@contextlib.contextmanager
+def run_as_row(row: Dict[str, Any], cuda: bool):
+    """One run of the device check as a row of its report: Dynamo's caches reset before (each run
+    compiles its own graphs), an exception recorded in the row (``error``, ``traceback``) instead
+    of raised, so that the other runs still run; ``wall_s`` in any case, memory released after."""
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    t_start = time.perf_counter()
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - a failing run is a row; the others still run
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        row["traceback"] = traceback.format_exc()
+    finally:
+        row["wall_s"] = time.perf_counter() - t_start
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def decode_settings(dry_run: bool) -> Dict[str, Any]:
@@ -50,10 +73,7 @@ def run_decode(name: str, compiled: bool, s: Dict[str, Any], dry_run: bool, seed
                            "rows_per_batch": d["prompts_per_batch"] * d["k"]}
     cuda = s["device"] == "cuda"
     device, dtype = torch.device(s["device"]), training.get_dtype(s["dtype"])
-    torch._dynamo.reset()
-    gc.collect()
-    t_start = time.perf_counter()
-    try:
+    with run_as_row(row, cuda):
         base = _base_builder(OmegaConf.to_container(OmegaConf.load(s["lora_yaml"]).model))
         torch.manual_seed(seed)
         with training.set_default_dtype(dtype), device:
@@ -86,14 +106,6 @@ def run_decode(name: str, compiled: bool, s: Dict[str, Any], dry_run: bool, seed
         sec = time.perf_counter() - t0
         row.update(tokens=tokens, seconds=sec, tokens_per_s=tokens / sec,
                    compiles_while_timed=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs)
-    except Exception as e:  # noqa: BLE001 - a failing run is a row; the others still run
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        row["traceback"] = traceback.format_exc()
-    finally:
-        row["wall_s"] = time.perf_counter() - t_start
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
     return row
 
 

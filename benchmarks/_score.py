@@ -11,11 +11,9 @@ behind one copy of the prompt (FlexAttention with a BlockMask on CUDA, compiled 
 scored first, untimed, on both sides.
 """
 
-import gc
 import math
 import random
 import time
-import traceback
 from typing import Any, Dict, List
 
 # name: batched (a prompt's responses in one row)?
@@ -51,6 +49,7 @@ def run_score(name: str, batched: bool, s: Dict[str, Any], dry_run: bool, seed: 
     from omegaconf import OmegaConf
     from torchtune import training
 
+    from benchmarks._decode import run_as_row
     from benchmarks.gpu_check import _base_builder
     from prefopt.reward import RewardModel, classifier
 
@@ -58,10 +57,7 @@ def run_score(name: str, batched: bool, s: Dict[str, Any], dry_run: bool, seed: 
     row: Dict[str, Any] = {"name": name, "batched": batched, "k": d["k"], "prompts": d["prompts"] - d["warmup_prompts"]}
     cuda = s["device"] == "cuda"
     device, dtype = torch.device(s["device"]), training.get_dtype(s["dtype"])
-    torch._dynamo.reset()
-    gc.collect()
-    t_start = time.perf_counter()
-    try:
+    with run_as_row(row, cuda):
         base = _base_builder(OmegaConf.to_container(OmegaConf.load(s["lora_yaml"]).model))
         torch.manual_seed(seed)
         with training.set_default_dtype(dtype), device:
@@ -93,14 +89,6 @@ def run_score(name: str, batched: bool, s: Dict[str, Any], dry_run: bool, seed: 
             sec = time.perf_counter() - t0
         tokens = sum(map(len, seqs[cut:]))
         row.update(tokens=tokens, seconds=sec, tokens_per_s=tokens / sec, scores_head=[round(x, 4) for x in scores[:3]])
-    except Exception as e:  # noqa: BLE001 - a failing run is a row; the others still run
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        row["traceback"] = traceback.format_exc()
-    finally:
-        row["wall_s"] = time.perf_counter() - t_start
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
     return row
 
 
