@@ -15,7 +15,7 @@ Each module has one job:
 - :mod:`prefopt.packing`: the packed, prefix-shared layout (which pairs share a row) and its
   attention mask.
 - :mod:`prefopt.attention`: the packed layouts' attention: FlexAttention compiled once for any
-  mix of lengths, never silently unfused, and a reward model's rows by per-part SDPA.
+  mix of lengths, never silently unfused, on CUDA; per-part SDPA elsewhere.
 - :mod:`prefopt.metrics`: the metrics TRL and princeton log, reduced over micro-batches and ranks.
 - :mod:`prefopt.config`: start-up validation of a recipe's config, every problem in one error.
 - :mod:`prefopt.checkpointing`: the start-up checks that output_dir can hold the checkpoints.

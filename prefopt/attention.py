@@ -1,6 +1,5 @@
 """The packed layouts' attention: FlexAttention compiled once, for every row length (the
-training step's layout on CUDA, a reward model's rows on CUDA), and per-part SDPA (a reward model's
-rows elsewhere).
+training step's layout and a reward model's rows, on CUDA), and per-part SDPA (both, elsewhere).
 
 torchtune compiles ``flex_attention`` at import with ``dynamic=False``
 (``torchtune/modules/attention_utils.py``): every new micro-batch shape compiles it again, and
@@ -14,13 +13,15 @@ every torchtune ``MultiHeadAttention`` of a model our own attention call instead
   and ``fullgraph=True``, so that Dynamo never runs it uncompiled: past its recompile limit it
   raises (``FailOnRecompileLimitHit``), which we turn into an error saying why, instead of
   Dynamo's silent fallback to the unfused implementation;
-- a :class:`SharedPrefixRows` (a reward model's rows of one prompt and its k responses,
-  :mod:`prefopt.reward`) goes to :func:`shared_prefix_attention`: one SDPA call for each row's
-  prefix and one for each response against the prefix's keys and its own. It computes only the
-  query/key pairs a response may attend (about what one conversation at a time computes), where a
-  dense ``[L, L]`` mask makes SDPA compute all ``L^2`` of the row. On the CPU, a row of 1,900
-  positions in the 134M shape: 0.32 s of attention a forward, FlexAttention 0.77 s, the dense
-  mask 1.45 s, and no compile (``benchmarks/results/generation.md``);
+- a :class:`SharedPrefixRows` (off CUDA: the training step's packed pairs, a reward model's
+  rows of one prompt and its k responses) goes to :func:`shared_prefix_attention`: one SDPA call
+  for each shared prefix and one for each part (chosen, rejected; a response) against the
+  prefix's keys and its own. It computes only the query/key pairs a part may attend (about what
+  one sequence at a time computes), where a dense ``[L, L]`` mask makes SDPA compute all ``L^2``
+  of the row. On the CPU, 134M shape: a scoring row of 1,900 positions, 0.32 s of attention a
+  forward, FlexAttention 0.77 s, the dense mask 1.45 s, and no compile
+  (``benchmarks/results/generation.md``); a training row of 3 pairs (3,000 positions), one
+  layer's forward + backward 206 ms, the dense mask 852 ms;
 - any other mask (the padded layout, a dense bool mask) goes to torchtune's own SDPA call,
   unchanged.
 
@@ -150,13 +151,16 @@ def packed_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
 
 
 class SharedPrefixRows(NamedTuple):
-    """The attention mask of rows that each hold a prefix, then parts that each see the prefix and
-    themselves (causally), never another part: ``prefix[r]`` positions, then parts of
-    ``parts[r]`` positions each; the positions after them are padding. What
-    :meth:`prefopt.reward.RewardModel.score_ids` passes as ``mask`` for a prompt's k responses."""
+    """An attention mask by its structure: rows of documents laid end to end, each document a
+    prefix, then parts that each see the prefix and themselves (causally), never another part nor
+    another document; positions in no document are padding. ``docs[r]``: row ``r``'s documents,
+    each ``(start, prefix, parts)`` (its first position, its prefix's length, its parts' lengths).
 
-    prefix: Tuple[int, ...]
-    parts: Tuple[Tuple[int, ...], ...]
+    What :meth:`prefopt.reward.RewardModel.score_ids` passes for a prompt's k responses (a row,
+    one document), and :func:`prefopt.packing.packed_attention_mask` off CUDA for the training
+    step's packed layout (a document per pair: shared prefix, chosen, rejected)."""
+
+    docs: Tuple[Tuple[Tuple[int, int, Tuple[int, ...]], ...], ...]
 
 
 @torch.compiler.disable(recursive=False)
@@ -165,39 +169,62 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     the prefix causal, each part's queries against the prefix's keys and its own, causally (a
     ``[m, p + m]`` boolean mask: on the CPU SDPA runs its flash kernel with a mask, where
     ``torch.nn.attention.bias.causal_lower_right`` falls back to the unfused math path). Padding
-    positions get 0.
+    positions get 0. The pieces are concatenated, not written into a buffer, so that the backward
+    pass has no per-piece copy of the whole output's gradient.
 
     Args:
         q, k, v (torch.Tensor): ``[R, H, L, D]`` (k, v already expanded to ``H`` heads).
-        rows (SharedPrefixRows): ``R`` rows, each laid out within ``L`` positions.
+        rows (SharedPrefixRows): ``R`` rows of documents within ``L`` positions, in order.
 
     Returns:
         torch.Tensor: ``[R, H, L, D]``.
 
     Raises:
-        ValueError: rows that do not match ``q`` (count, or longer than ``L``).
+        ValueError: rows that do not match ``q`` (count, documents overlapping or past ``L``).
     """
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    R, L = q.shape[0], q.shape[2]
-    if len(rows.prefix) != R or len(rows.parts) != R:
-        raise ValueError(f"a SharedPrefixRows mask of {len(rows.prefix)} rows for {R} rows of queries")
-    out = torch.zeros_like(q)
-    for r, (p, parts) in enumerate(zip(rows.prefix, rows.parts)):
-        if p + sum(parts) > L:
-            raise ValueError(f"row {r}: a prefix of {p} and parts of {sum(parts)} positions in a row of {L}")
+    R, H, L, D = q.shape
+    if len(rows.docs) != R:
+        raise ValueError(f"a SharedPrefixRows mask of {len(rows.docs)} rows for {R} rows of queries")
+
+    def gap(n):
+        return q.new_zeros(1, H, n, D)
+
+    # in bf16/fp16 with gradients: the pieces in float32, so that the gradient of a prefix's keys
+    # and values (the sum over its own call and every part's) is summed in float32, as the fused
+    # kernel sums it under a dense mask, not rounded to 16 bits once per piece
+    low = q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and q.requires_grad
+    dtype = q.dtype
+    if low:
+        q, k, v = q.float(), k.float(), v.float()
+    out = []
+    for r, docs in enumerate(rows.docs):
         # [1, H, n, D] slices: SDPA's fused CPU kernel takes 4-d inputs (3-d ones run unfused)
         qr, kr, vr = q[r:r + 1], k[r:r + 1], v[r:r + 1]
-        if p:
-            out[r:r + 1, :, :p] = sdpa(qr[:, :, :p], kr[:, :, :p], vr[:, :, :p], is_causal=True)
-        at = p
-        for m in parts:
-            keys = torch.cat([kr[:, :, :p], kr[:, :, at:at + m]], dim=2)
-            values = torch.cat([vr[:, :, :p], vr[:, :, at:at + m]], dim=2)
-            causal = torch.ones(m, p + m, dtype=torch.bool, device=q.device).tril_(p)
-            out[r:r + 1, :, at:at + m] = sdpa(qr[:, :, at:at + m], keys, values, attn_mask=causal)
-            at += m
-    return out
+        pieces, at = [], 0
+        for start, p, parts in docs:
+            if start < at or start + p + sum(parts) > L:
+                raise ValueError(f"row {r}: a document at {start} of {p} + {sum(parts)} positions, after position "
+                                 f"{at}, in a row of {L}")
+            if start > at:
+                pieces.append(gap(start - at))
+            if p:
+                pieces.append(sdpa(qr[:, :, start:start + p], kr[:, :, start:start + p], vr[:, :, start:start + p],
+                                   is_causal=True))
+            at = start + p
+            for m in parts:
+                if not m:
+                    continue
+                keys = torch.cat([kr[:, :, start:start + p], kr[:, :, at:at + m]], dim=2)
+                values = torch.cat([vr[:, :, start:start + p], vr[:, :, at:at + m]], dim=2)
+                causal = torch.ones(m, p + m, dtype=torch.bool, device=q.device).tril_(p)
+                pieces.append(sdpa(qr[:, :, at:at + m], keys, values, attn_mask=causal))
+                at += m
+        if at < L:
+            pieces.append(gap(L - at))
+        out.append(torch.cat(pieces, dim=2))
+    return torch.cat(out, dim=0).to(dtype)
 
 
 _FALLBACK = None  # one instance of torchtune's attention call, shared (see _attention_call)

@@ -19,10 +19,11 @@ pairs exactly, so that the loss and every metric are the same quantities as in t
 tokens out. The attention mask is described by two ``[R, L]`` tensors (``doc_pair``: which pair a position
 belongs to, a unique id per padding position; ``doc_kind``: 0 shared, 1 chosen, 2 rejected,
 3 padding: a position sees the earlier positions of its pair that are shared or of its own kind)
-and built on the device by :func:`packed_attention_mask`: a dense boolean
-``[R, L, L]`` on the CPU (FlexAttention has no backward on the CPU in torch 2.13), a
-FlexAttention ``BlockMask`` on CUDA, run by :mod:`prefopt.attention` (compiled once for every
-length: see there why).
+and built by :func:`packed_attention_mask`: a FlexAttention ``BlockMask`` on CUDA, run by
+:mod:`prefopt.attention` (compiled once for every length: see there why); elsewhere its
+structure, run as one SDPA call per shared prefix and per response (FlexAttention has no
+backward on the CPU in torch 2.13, and SDPA under a dense ``[R, L, L]`` mask computes all ``L^2``
+pairs of a row).
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["row_layout", "padding_share", "packed_share", "packed_attention_mask", "packing_unsupported_reason", "MIN_FLEX_LEN", "SHARED", "CHOSEN", "REJECTED", "PAD"]
+__all__ = ["row_layout", "padding_share", "packed_share", "packed_attention_mask", "shared_prefix_rows",
+           "packing_unsupported_reason", "MIN_FLEX_LEN", "SHARED", "CHOSEN", "REJECTED", "PAD"]
 
 SHARED, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 # the shortest row of the one-row (FlexAttention) layout: two sparse blocks. One block would be
@@ -201,11 +203,16 @@ def packed_attention_mask(doc_pair: torch.Tensor, doc_kind: torch.Tensor, *, blo
             0 shared and any other value one part of the document (a reward model's k responses
             of one prompt: :meth:`prefopt.reward.RewardModel.score_ids`).
         block_mask (Optional[bool]): a FlexAttention ``BlockMask`` (True) or a dense boolean
-            ``[R, L, L]`` (False, True = attend, torchtune's convention); default: BlockMask on
-            CUDA, dense elsewhere (FlexAttention has no backward on the CPU in torch 2.13).
+            ``[R, L, L]`` (False, True = attend, torchtune's convention); default (None): the
+            BlockMask on CUDA, elsewhere the mask's structure
+            (:class:`prefopt.attention.SharedPrefixRows`: one SDPA call per shared prefix and
+            per response, which computes only what may be attended, where SDPA under the dense
+            mask computes all ``L^2`` pairs of a row; FlexAttention has no backward on the CPU in
+            torch 2.13). The dense one serves the tests as the reference.
 
     Returns:
-        A ``[R, L, L]`` bool tensor, or a ``BlockMask`` over the ``R`` rows laid end to end (one
+        A ``[R, L, L]`` bool tensor, a :class:`prefopt.attention.SharedPrefixRows`, or a
+        ``BlockMask`` over the ``R`` rows laid end to end (one
         row of ``R x L`` positions: :func:`prefopt.attention.packed_flex_attention` views ``R``
         rows that way, so that FlexAttention always sees one row; see :mod:`prefopt.attention`):
         query ``q`` attends to key ``kv`` iff both belong to the same pair, ``kv <= q``, and
@@ -213,7 +220,9 @@ def packed_attention_mask(doc_pair: torch.Tensor, doc_kind: torch.Tensor, *, blo
         chosen one cannot see the rejected response, which comes after it).
     """
     if block_mask is None:
-        block_mask = doc_pair.is_cuda
+        if not doc_pair.is_cuda:
+            return shared_prefix_rows(doc_pair, doc_kind)
+        block_mask = True
     n_rows, seq_len = doc_pair.shape
     if block_mask:
         # copies, not views of [R, L] tensors: Dynamo would guard on the view's base's sizes
@@ -222,6 +231,48 @@ def packed_attention_mask(doc_pair: torch.Tensor, doc_kind: torch.Tensor, *, blo
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=doc_pair.device).tril_()
     sees = (doc_kind[:, None, :] == SHARED) | (doc_kind[:, :, None] == doc_kind[:, None, :])
     return same & causal & sees
+
+
+def shared_prefix_rows(doc_pair: torch.Tensor, doc_kind: torch.Tensor):
+    """The packed layout's mask as its structure (:class:`prefopt.attention.SharedPrefixRows`):
+    per row, each pair's run of positions as a document, its SHARED positions the prefix, its
+    other kinds the parts, in order; PAD positions in none. Host-side (reads the tensors).
+
+    Args:
+        doc_pair, doc_kind (torch.Tensor): ``[R, L]``, as :func:`packed_attention_mask`'s.
+
+    Raises:
+        ValueError: a document that is not one prefix followed by its parts (a kind recurring
+            after another, or a shared run after a part).
+    """
+    from prefopt.attention import SharedPrefixRows
+
+    pair, kind = doc_pair.cpu().numpy(), doc_kind.cpu().numpy().astype(np.int64)
+    rows = []
+    for r in range(pair.shape[0]):
+        # runs of equal (pair, kind)
+        cut = np.flatnonzero((pair[r, 1:] != pair[r, :-1]) | (kind[r, 1:] != kind[r, :-1])) + 1
+        starts = np.concatenate([[0], cut])
+        ends = np.concatenate([cut, [pair.shape[1]]])
+        docs, cur = [], None  # cur: [pair id, start, prefix, parts, kinds seen]
+        for a, e in zip(starts.tolist(), ends.tolist()):
+            pid, kd = int(pair[r, a]), int(kind[r, a])
+            if kd == PAD:
+                cur = None
+                continue
+            if cur is None or cur[0] != pid:
+                cur = [pid, a, 0, [], set()]
+                docs.append(cur)
+            if kd in cur[4] or (kd == SHARED and cur[3]):
+                raise ValueError(f"row {r}: pair {pid} is not one shared prefix followed by its parts "
+                                 f"(kind {kd} again at position {a})")
+            cur[4].add(kd)
+            if kd == SHARED:
+                cur[2] = e - a
+            else:
+                cur[3].append(e - a)
+        rows.append(tuple((d[1], d[2], tuple(d[3])) for d in docs))
+    return SharedPrefixRows(docs=tuple(rows))
 
 
 def _flex_block_mask(pair: torch.Tensor, kind: torch.Tensor, chunk: int = 8 * _FLEX_BLOCK):

@@ -264,10 +264,9 @@ class RewardModel(Reward):
     def _mask(self, parts: Sequence[torch.Tensor], width: int) -> Any:
         # parts: each row's shared_prefix_layout parts ([n], 0 for the prefix, j + 1 for response j)
         if not self.flex_attention:
-            return SharedPrefixRows(
-                prefix=tuple(int((p == SHARED).sum()) for p in parts),
-                parts=tuple(tuple(torch.bincount(p)[1:].tolist()) for p in parts),
-            )
+            # one document a row, from its start: the prompt, then each response
+            return SharedPrefixRows(docs=tuple(
+                ((0, int((p == SHARED).sum()), tuple(torch.bincount(p)[1:].tolist())),) for p in parts))
         # the packed layout's BlockMask (prefopt.packing): a row is one document (its group), the
         # prefix SHARED, each response its own part; every padding position its own document
         doc = -1 - torch.arange(len(parts) * width).view(len(parts), width)

@@ -21,7 +21,7 @@ from torch import nn
 
 from prefopt.attention import use_packed_attention
 from prefopt.logprobs import SequenceLogps, model_sequence_logps
-from prefopt.packing import packed_attention_mask
+from prefopt.packing import packed_attention_mask, shared_prefix_rows
 
 __all__ = ["PreferenceOutput", "preference_forward", "loss_needs"]
 
@@ -98,11 +98,13 @@ def preference_forward(
     mask = input_pos = None
     if "input_pos" in batch:  # the packed, prefix-shared layout
         input_pos = batch["input_pos"].to(device, non_blocking=True)
-        mask = packed_attention_mask(
-            batch["doc_pair"].to(device, non_blocking=True), batch["doc_kind"].to(device, non_blocking=True)
-        )
-        if not isinstance(mask, torch.Tensor):  # a BlockMask (CUDA): FlexAttention compiled once, any length
-            use_packed_attention(model)
+        if torch.device(device).type == "cuda":  # a BlockMask, built on the device: FlexAttention
+            mask = packed_attention_mask(
+                batch["doc_pair"].to(device, non_blocking=True), batch["doc_kind"].to(device, non_blocking=True)
+            )
+        else:  # the layout's structure, read from the collate's CPU tensors: one SDPA call per part
+            mask = shared_prefix_rows(batch["doc_pair"], batch["doc_kind"])
+        use_packed_attention(model)  # prefopt.attention runs both
     out = model_sequence_logps(
         model, tokens, plan=plan, mask=mask, input_pos=input_pos, num_chunks=num_chunks, average=False
     )

@@ -157,7 +157,7 @@ def test_layout_and_mask_by_hand():
     assert plan.score_targets.tolist() == [1, 2, 3, 1, 4]
     assert plan.score_seq.tolist() == [0, 0, 0, 1, 1]
     assert plan.seq_positions.tolist() == [5, 4]
-    mask = packed_attention_mask(out["doc_pair"], out["doc_kind"])[0].int().tolist()
+    mask = packed_attention_mask(out["doc_pair"], out["doc_kind"], block_mask=False)[0].int().tolist()
     assert mask[5] == [1, 1, 1, 0, 0, 1, 0, 0]  # rejected: the shared prefix and itself, never chosen
     assert mask[4] == [1, 1, 1, 1, 1, 0, 0, 0]  # chosen: causal over shared + chosen
     assert mask[6] == [0, 0, 0, 0, 0, 0, 1, 0]  # padding attends to itself only (no NaN row)
@@ -168,7 +168,7 @@ def test_several_pairs_in_a_row_do_not_attend_across():
     items = _items()
     out = packed_collate_preference(items, row_len=200)
     assert out["tokens"].shape[0] == 1
-    mask = packed_attention_mask(out["doc_pair"], out["doc_kind"])[0]
+    mask = packed_attention_mask(out["doc_pair"], out["doc_kind"], block_mask=False)[0]
     pair = out["doc_pair"][0]
     real = pair < len(items)
     cross = mask & (pair[:, None] != pair[None, :])
@@ -335,29 +335,56 @@ def test_flex_attention_compiles_once_for_varying_lengths():
 
 
 def test_shared_prefix_attention_equals_the_dense_mask():
-    """A reward model's rows (prefopt.attention.SharedPrefixRows: a prefix, then parts that see it
-    and themselves): one SDPA call per prefix and part equals SDPA under the packed layout's dense
-    mask of the same rows (doc_kind 0 for the prefix, j + 1 for part j), to 1e-6 on every real
-    position; rows with no prefix, one part, and padding; padding positions come out 0."""
+    """prefopt.attention.SharedPrefixRows (documents laid end to end, each a prefix and parts that
+    see it and themselves): one SDPA call per prefix and part equals SDPA under the packed layout's
+    dense mask of the same rows (doc_kind 0 for a prefix, j + 1 for part j), outputs and the
+    gradients of q, k, v to 1e-5, on every real position; documents with no prefix, one part,
+    padding between and after them; padding positions come out 0; the structure read back from
+    the doc tensors (shared_prefix_rows) is the one given."""
     from prefopt.attention import SharedPrefixRows, shared_prefix_attention
+    from prefopt.packing import shared_prefix_rows
 
     g = torch.Generator().manual_seed(0)
-    rows = SharedPrefixRows(prefix=(5, 0, 3), parts=((4, 1, 6), (7,), (2, 2)))
+    rows = SharedPrefixRows(docs=(
+        ((0, 5, (4, 1, 6)),),  # 16 positions, no padding
+        ((0, 0, (7,)), (9, 2, (1, 2))),  # no prefix; padding at 7-8; a second document; padding after
+        ((2, 3, (2, 2)),),  # padding first
+    ))
     R, H, L, D = 3, 2, 16, 8
-    q, k, v = (torch.randn(R, H, L, D, generator=g) for _ in range(3))
-    doc = -1 - torch.arange(R * L).view(R, L)
+    q, k, v = (torch.randn(R, H, L, D, generator=g, requires_grad=True) for _ in range(3))
+    doc = 100 + torch.arange(R * L).view(R, L)  # padding: an id of its own each
     kind = torch.full((R, L), 3)
-    for r, (p, parts) in enumerate(zip(rows.prefix, rows.parts)):
-        n = p + sum(parts)
-        doc[r, :n] = r
-        kind[r, :n] = torch.repeat_interleave(torch.arange(len(parts) + 1), torch.tensor((p, *parts)))
+    for r, docs in enumerate(rows.docs):
+        for j, (start, p, parts) in enumerate(docs):
+            n = p + sum(parts)
+            doc[r, start:start + n] = j
+            kind[r, start:start + n] = torch.repeat_interleave(torch.arange(len(parts) + 1), torch.tensor((p, *parts)))
     dense = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=packed_attention_mask(doc, kind, block_mask=False)[:, None])
     out = shared_prefix_attention(q, k, v, rows)
-    real = doc >= 0
-    assert_close(out.transpose(1, 2)[real], dense.transpose(1, 2)[real], atol=1e-6, rtol=1e-6)
-    assert out.transpose(1, 2)[~real].abs().sum() == 0 and (~real).sum() == 0 + 9 + 9
+    real = doc < 100
+    w = torch.randn(R, L, H, D, generator=g) * real[..., None, None]  # a loss on the real positions
+    grads_dense = torch.autograd.grad((dense.transpose(1, 2) * w).sum(), (q, k, v))
+    grads = torch.autograd.grad((out.transpose(1, 2) * w).sum(), (q, k, v))
+    assert_close(out.transpose(1, 2)[real], dense.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, grads_dense):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert out.transpose(1, 2)[~real].abs().sum() == 0 and (~real).sum() == 0 + 4 + 9
+    # kinds 1..k of the reward's rows, PAD = 3 only where no document is: the training layout's
+    # kinds (0, 1, 2) here, so the structure reads back exactly
+    two = SharedPrefixRows(docs=(((0, 5, (4, 7)),), ((0, 0, (7,)), (9, 2, (1, 2)))))
+    d2, k2 = torch.full((2, L), 0), torch.full((2, L), 3)
+    d2[0], d2[1] = 100 + torch.arange(L), 200 + torch.arange(L)
+    for r, docs in enumerate(two.docs):
+        for j, (start, p, parts) in enumerate(docs):
+            d2[r, start:start + p + sum(parts)] = j
+            k2[r, start:start + p + sum(parts)] = torch.repeat_interleave(torch.arange(len(parts) + 1), torch.tensor((p, *parts)))
+    assert shared_prefix_rows(d2, k2) == two
+    assert packed_attention_mask(d2, k2) == two  # the CPU's default
     with pytest.raises(ValueError, match="2 rows for 3"):
-        shared_prefix_attention(q, k, v, SharedPrefixRows(prefix=(1, 1), parts=((1,), (1,))))
-    with pytest.raises(ValueError, match="row 0: a prefix of 10 and parts of 7 positions in a row of 16"):
-        shared_prefix_attention(q, k, v, SharedPrefixRows(prefix=(10, 0, 0), parts=((7,), (1,), (1,))))
+        shared_prefix_attention(q, k, v, SharedPrefixRows(docs=(((0, 1, (1,)),), ((0, 1, (1,)),))))
+    with pytest.raises(ValueError, match="row 0: a document at 0 of 10 \\+ 7 positions"):
+        shared_prefix_attention(q, k, v, SharedPrefixRows(docs=(((0, 10, (7,)),), (), ())))
+    k2[0, 12] = 0  # a shared position after the parts
+    with pytest.raises(ValueError, match="row 0: pair 0 is not one shared prefix"):
+        shared_prefix_rows(d2, k2)
