@@ -209,7 +209,10 @@ def make_config(tool: str, a, assets, out_dir: Path) -> Dict[str, Any]:
     shape = dict(a.model_shape)
     lora_model = {"_component_": "torchtune.models.llama2.lora_llama2", **LORA, **shape}
     full_model = {"_component_": "torchtune.models.llama2.llama2", **shape}
-    ours_data = {"_component_": "prefopt.data.preference_dataset", "source": "json", "data_files": str(assets["data_file"]), "split": "train"}
+    # max_seq_len: the recipes refuse an unbounded data set for a model of limited positions; the
+    # generated pairs are capped below it, so nothing is truncated
+    ours_data = {"_component_": "prefopt.data.preference_dataset", "source": "json", "data_files": str(assets["data_file"]),
+                 "split": "train", "max_seq_len": a.model_shape["max_seq_len"]}
     tt_data = {"_component_": "torchtune.datasets.preference_dataset", "source": "json", "data_files": str(assets["data_file"]), "split": "train"}
     simpo = {"_component_": "prefopt.loss.SimPOLoss", "beta": a.beta, "gamma": a.gamma}
     dpo = {"_component_": "torchtune.rlhf.loss.DPOLoss", "beta": 0.1}
