@@ -8,7 +8,7 @@ UltraFeedback-like data: benchmarks/make_pref_data.py's rows, tokenized by the t
 Prints, per micro-batch size, the share of the positions the decoder computes that are padding:
 now (one row of exactly the pairs' length, at least MIN_FLEX_LEN) and with the bucketed lengths
 used before (m·2^k, m in 4..7, multiples of 128; the ladder of issue 26). The collate itself is
-run (prefopt.collate.packed_collate_preference, one_row=True), not a model of it.
+run (prefopt.collate.packed_collate_preference, min_len=MIN_FLEX_LEN), not a model of it.
 """
 
 import argparse
@@ -37,13 +37,14 @@ def padding_shares(items, batch_size: int, max_seq_len: int, seed: int = 0) -> d
     """Padding share of the positions of the one-row layout (and of the bucketed one), over the
     micro-batches of ``batch_size`` pairs of a seeded shuffle (the last partial one dropped)."""
     from prefopt.collate import packed_collate_preference
+    from prefopt.packing import MIN_FLEX_LEN
 
     order = np.random.default_rng(seed).permutation(len(items))
     n = len(order) // batch_size * batch_size
     real = positions = bucket_positions = 0
     lengths = set()
     for k in range(0, n, batch_size):
-        batch = packed_collate_preference([items[i] for i in order[k : k + batch_size]], one_row=True,
+        batch = packed_collate_preference([items[i] for i in order[k : k + batch_size]], min_len=MIN_FLEX_LEN,
                                           max_seq_len=max_seq_len)
         rows, row_len = batch["tokens"].shape
         used = int(batch.get("packed_tokens", batch["num_tokens"]))

@@ -74,14 +74,13 @@ def packed_collate_preference(
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
     pad_to_multiple_of: int = 1,
     row_len: Optional[int] = None,
-    one_row: bool = False,
+    min_len: int = 1,
     max_seq_len: Optional[int] = None,
-    embed_dim: int = 4096,
 ) -> Dict[str, Any]:
     """Lay a micro-batch of pairs out packed and prefix-shared (see the module docstring).
 
     The rows are chosen by :func:`prefopt.packing.row_layout` (see there for ``row_len``,
-    ``one_row``, ``max_seq_len`` and ``embed_dim``). A batch holding a pair whose packed
+    ``min_len`` and ``max_seq_len``): by default one unpadded row. A batch holding a pair whose packed
     length exceeds ``max_seq_len`` (two long responses after a short prompt) is laid out padded
     instead (:func:`padded_collate_preference`), which the step takes as well.
 
@@ -92,9 +91,8 @@ def packed_collate_preference(
         ignore_idx (int): label value of unscored positions.
         pad_to_multiple_of (int): round the row length up to a multiple of this.
         row_len (Optional[int]): the row capacity; raised to the longest pair if smaller.
-        one_row (bool): every pair in one row, unpadded (FlexAttention's layout), on CUDA.
+        min_len (int): the shortest row (:data:`prefopt.packing.MIN_FLEX_LEN` on CUDA).
         max_seq_len (Optional[int]): the model's longest input.
-        embed_dim (int): the model's width, for the cost estimate of a row's attention.
 
     Returns:
         Dict[str, Any]: ``tokens`` [R, L], ``input_pos`` [R, L], ``doc_pair`` [R, L],
@@ -117,8 +115,8 @@ def packed_collate_preference(
         k = common_prefix(c, r)
         seqs.append((c, r, cl, rl, k, len(c) + len(r) - k))
     lengths = [s[5] for s in seqs]
-    rows_of = row_layout(lengths, pad_to_multiple_of=pad_to_multiple_of, row_len=row_len, one_row=one_row,
-                         max_seq_len=max_seq_len, embed_dim=embed_dim)
+    rows_of = row_layout(lengths, pad_to_multiple_of=pad_to_multiple_of, row_len=row_len, min_len=min_len,
+                         max_seq_len=max_seq_len)
     if rows_of is None:
         return padded_collate_preference(batch, padding_idx=padding_idx, ignore_idx=ignore_idx,
                                          pad_to_multiple_of=pad_to_multiple_of)

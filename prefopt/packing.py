@@ -66,55 +66,31 @@ def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[in
     return rows
 
 
-def _cheapest_layout(lengths: Sequence[int], limit: float, embed_dim: int):
-    """(rows of pair indices, row length) minimising rows x L x (1 + L / (6 d)) over capacities
-    from the longest pair to the whole batch (first-fit-decreasing at each)."""
-    longest, total = max(lengths), sum(lengths)
-    caps = sorted({min(int(longest * (1 + k / 4)), total) for k in range(0, 4 * len(lengths) + 1)} | {total})
-    best = None
-    for cap in caps:
-        if cap > limit:
-            break
-        rows = _first_fit_decreasing(lengths, cap)
-        length = max(sum(lengths[i] for i in r) for r in rows)
-        cost = len(rows) * length * (1 + length / (6 * embed_dim))
-        if best is None or cost < best[0]:
-            best = (cost, rows, length)
-    return best[1], best[2]
-
-
 def row_layout(
     lengths: Sequence[int],
     *,
     pad_to_multiple_of: int = 1,
     row_len: Optional[int] = None,
-    one_row: bool = False,
+    min_len: int = 1,
     max_seq_len: Optional[int] = None,
-    embed_dim: int = 4096,
 ) -> Optional[Tuple[List[List[int]], int]]:
     """Which pairs share which row, and the row length (pure).
 
-    Rows are filled first-fit-decreasing up to a capacity: ``row_len`` if given, else the one (from
-    the longest pair of the batch up to the whole batch in one row) that minimises the estimated
-    cost ``rows x length x (1 + length / (6 x embed_dim))``: every row is padded to the longest,
-    and dense masked attention costs O(length²) per row on the CPU (~4·L·d FLOPs per position
-    against ~24·d² for the projections and MLP), so no row is mostly masked.
-
-    ``one_row`` (the recipes set it on CUDA) puts every pair into ONE row of exactly their total
-    length (at least :data:`MIN_FLEX_LEN`; no padding otherwise): a FlexAttention ``BlockMask``
-    skips the masked blocks, so a long row costs nothing extra, and :mod:`prefopt.attention`
-    compiles FlexAttention once with dynamic shapes, so a new length costs no compile. When the
-    pairs do not fit ``max_seq_len`` together, rows are filled first-fit-decreasing up to it
-    (the attention sees them as one row end to end).
+    By default every pair goes into ONE row of exactly their total length: the attention of the
+    packed layout costs the same whatever the rows (a FlexAttention ``BlockMask`` on CUDA skips the
+    masked blocks; on the CPU one SDPA call per prompt and response, padding in none), so the
+    cheapest layout is the one with the least padding, which only the linear layers pay. When
+    the pairs do not fit ``max_seq_len`` together, rows are filled first-fit-decreasing up to it
+    (FlexAttention sees them as one row end to end). ``row_len`` fills rows first-fit-decreasing
+    up to that capacity instead.
 
     Args:
         lengths: [b] each pair's packed length (shared prefix + both suffixes).
         pad_to_multiple_of (int): round the row length up to a multiple of this.
         row_len (Optional[int]): the row capacity; raised to the longest pair if smaller.
-        one_row (bool): one row, unpadded (see above), on CUDA.
+        min_len (int): the shortest row (:data:`MIN_FLEX_LEN` for FlexAttention, on CUDA).
         max_seq_len (Optional[int]): the model's longest input: no row is longer (torchtune's
             decoders refuse longer inputs).
-        embed_dim (int): the model's width, for the cost estimate of a row's attention.
 
     Returns:
         ``(rows of pair indices, row length)``, or None when a pair alone exceeds ``max_seq_len``.
@@ -122,17 +98,11 @@ def row_layout(
     limit = max_seq_len or float("inf")
     if max(lengths) > limit:
         return None
-    if one_row:
-        cap = max(sum(lengths), MIN_FLEX_LEN)
-        layout = _first_fit_decreasing(lengths, int(min(cap, limit)))
-        seq_len = max(MIN_FLEX_LEN, max(sum(lengths[i] for i in row) for row in layout))
-    elif row_len is not None:
-        layout = _first_fit_decreasing(lengths, min(max(max(lengths), row_len), limit))
-        seq_len = max(sum(lengths[i] for i in row) for row in layout)
-    else:
-        layout, seq_len = _cheapest_layout(lengths, limit, embed_dim)
+    cap = sum(lengths) if row_len is None else max(max(lengths), row_len)
+    layout = _first_fit_decreasing(lengths, int(min(cap, limit)))
+    seq_len = max(min_len, max(sum(lengths[i] for i in row) for row in layout))
     seq_len += -seq_len % pad_to_multiple_of
-    if seq_len > limit:  # the rounding must not pass the model's limit (seq_len itself does not)
+    if seq_len > limit:  # the raising and rounding must not pass the model's limit
         seq_len = int(limit)
     return layout, seq_len
 

@@ -42,7 +42,7 @@ from prefopt.export import checkpointer_writing_to, missing_export, state_bytes,
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.models.match import check_model_matches_checkpoint
-from prefopt.packing import packing_unsupported_reason
+from prefopt.packing import MIN_FLEX_LEN, packing_unsupported_reason
 from prefopt.resume import (
     RESUME_KEYS,
     data_identity,
@@ -414,15 +414,15 @@ class SimPORecipeDistributed:
             pad_to_multiple_of=self._cfg["pad_to_multiple_of"],
         )
         if self._packed:
-            # CUDA: one unpadded row per micro-batch, a FlexAttention BlockMask; prefopt.attention
-            # compiles FlexAttention once, with dynamic shapes, for every length
+            # one unpadded row per micro-batch (its attention costs the same in any rows: per
+            # part on the CPU, a BlockMask on CUDA); prefopt.attention compiles FlexAttention
+            # once, with dynamic shapes, for every length, from MIN_FLEX_LEN positions up
             self._collate = partial(
                 packed_collate_preference,
                 padding_idx=self._tokenizer.pad_id,
                 pad_to_multiple_of=self._cfg["pad_to_multiple_of"],
-                one_row=self._device.type == "cuda",
+                min_len=MIN_FLEX_LEN if self._device.type == "cuda" else 1,
                 max_seq_len=self._model.max_seq_len,
-                embed_dim=self._model.tok_embeddings.embedding_dim,
             )
         ds = self._build_dataset(cfg_dataset)
         # DistributedSampler permutes all indices with one generator seeded (seed + epoch), the

@@ -40,7 +40,7 @@ from prefopt.export import checkpointer_writing_to, missing_export, state_bytes,
 from prefopt.guards import CollapseGuard, check_device, lock_output_dir
 from prefopt.metrics import PreferenceMetrics
 from prefopt.models.match import CheckpointMismatchError, check_model_matches_checkpoint
-from prefopt.packing import packing_unsupported_reason
+from prefopt.packing import MIN_FLEX_LEN, packing_unsupported_reason
 from prefopt.peft import keep_adapters_in_fp32, nf4_state_dict_dtype
 from prefopt.resume import data_identity, load_checkpoint_file, read_newest_state, start_fresh_run, write_state
 from prefopt.startup import component_problems, zero_lr_warning
@@ -296,14 +296,14 @@ class SimPORecipeSingleDevice:
         sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
         collate = partial(padded_collate_preference, padding_idx=self._tokenizer.pad_id)
         if self._packed:
-            # CUDA: one unpadded row per micro-batch, a FlexAttention BlockMask; prefopt.attention
-            # compiles FlexAttention once, with dynamic shapes, for every length
+            # one unpadded row per micro-batch (its attention costs the same in any rows: per
+            # part on the CPU, a BlockMask on CUDA); prefopt.attention compiles FlexAttention
+            # once, with dynamic shapes, for every length, from MIN_FLEX_LEN positions up
             collate = partial(
                 packed_collate_preference,
                 padding_idx=self._tokenizer.pad_id,
-                one_row=self._device.type == "cuda",
+                min_len=MIN_FLEX_LEN if self._device.type == "cuda" else 1,
                 max_seq_len=self._model.max_seq_len,
-                embed_dim=self._model.tok_embeddings.embedding_dim,
             )
         loader = DataLoader(
             ds,

@@ -214,7 +214,7 @@ def test_step_needs_no_host_sync(kind, packed):
 
 
 def test_one_row_unpadded_and_still_exact():
-    """CUDA's layout (one_row): one row of exactly the pairs' length (at least MIN_FLEX_LEN),
+    """The default layout: one row of exactly the pairs' length (at least MIN_FLEX_LEN on CUDA),
     rows of at most max_seq_len when they do not fit together, same numbers."""
     from torchtune.models.llama3 import llama3
 
@@ -226,12 +226,14 @@ def test_one_row_unpadded_and_still_exact():
     items = _items()
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
     ref, ref_grads = _run(model, padded_collate_preference(items, padding_idx=0), loss_fn)
-    one_row = packed_collate_preference(items, one_row=True, max_seq_len=1024)
-    assert one_row["tokens"].shape == (1, MIN_FLEX_LEN)  # 66 positions, raised to the minimum
+    unpadded = packed_collate_preference(items, max_seq_len=1024)
+    assert unpadded["tokens"].shape == (1, 82) and int(unpadded["packed_tokens"]) == 82  # no padding
+    one_row = packed_collate_preference(items, min_len=MIN_FLEX_LEN, max_seq_len=1024)
+    assert one_row["tokens"].shape == (1, MIN_FLEX_LEN)  # 82 positions, raised to the minimum
     # the model takes at most 64 positions: rows of at most 64, as long as the longest
-    capped = packed_collate_preference(items, one_row=True, max_seq_len=64)
+    capped = packed_collate_preference(items, max_seq_len=64)
     assert capped["tokens"].shape[0] == 2 and capped["tokens"].shape[1] <= 64
-    for packed in (one_row, capped):
+    for packed in (unpadded, one_row, capped):
         out, grads = _run(model, packed, loss_fn)
         assert_close(out.losses, ref.losses, atol=1e-5, rtol=1e-5)
         for name, g in grads.items():
@@ -247,32 +249,22 @@ def test_one_row_unpadded_and_still_exact():
     assert "input_pos" not in fallback and fallback["tokens"].shape[0] == 2 * len(items)
 
 
-def test_default_row_capacity_combines_pairs_when_it_is_cheaper():
-    """Two pairs, one 4x the other's length: one row of both costs less than two rows padded to
-    the longer (the short pair would be 3/4 padding)."""
-    g = torch.Generator().manual_seed(3)
-    items = [_pair(g, 40, 30, 30, row=0), _pair(g, 10, 5, 5, row=1)]
-    out = packed_collate_preference(items, embed_dim=4096)
-    assert out["tokens"].shape == (1, 100 + 20)
-    # with a narrow model, attention weighs more: equal-length pairs stay in rows of their own
-    items = [_pair(g, 40, 30, 30, row=0), _pair(g, 40, 30, 30, row=1)]
-    assert packed_collate_preference(items, embed_dim=8)["tokens"].shape == (2, 100)
-
-
 def test_row_layout_by_hand():
-    """Which pairs share a row, worked by hand: first-fit-decreasing at row_len, one unpadded row
-    with one_row (first-fit-decreasing at the model's length when that does not fit), None past
-    the limit."""
+    """Which pairs share a row, worked by hand: first-fit-decreasing at row_len, else one unpadded
+    row (first-fit-decreasing at the model's length when that does not fit; at least min_len),
+    None past the limit."""
     from prefopt.packing import row_layout
 
     assert row_layout([5, 3, 2], row_len=6) == ([[0], [1, 2]], 5)
     assert row_layout([5, 3, 2], row_len=6, pad_to_multiple_of=4) == ([[0], [1, 2]], 8)
     assert row_layout([5, 3, 2], row_len=6, pad_to_multiple_of=4, max_seq_len=7) == ([[0], [1, 2]], 7)  # capped
-    assert row_layout([5, 3, 2], one_row=True) == ([[0, 1, 2]], 256)  # MIN_FLEX_LEN
-    assert row_layout([500, 300, 101], one_row=True) == ([[0, 1, 2]], 901)  # no padding
-    assert row_layout([500, 300, 101], one_row=True, pad_to_multiple_of=8) == ([[0, 1, 2]], 904)
-    assert row_layout([300, 200, 100], one_row=True, max_seq_len=400) == ([[0, 2], [1]], 400)
-    assert row_layout([300, 200, 50], one_row=True, max_seq_len=400) == ([[0, 2], [1]], 350)
+    assert row_layout([5, 3, 2]) == ([[0, 1, 2]], 10)  # no padding
+    assert row_layout([5, 3, 2], min_len=256) == ([[0, 1, 2]], 256)  # MIN_FLEX_LEN
+    assert row_layout([5, 3, 2], min_len=256, max_seq_len=100) == ([[0, 1, 2]], 100)  # raised, capped
+    assert row_layout([500, 300, 101]) == ([[0, 1, 2]], 901)
+    assert row_layout([500, 300, 101], pad_to_multiple_of=8) == ([[0, 1, 2]], 904)
+    assert row_layout([300, 200, 100], max_seq_len=400) == ([[0, 2], [1]], 400)
+    assert row_layout([300, 200, 50], max_seq_len=400) == ([[0, 2], [1]], 350)
     assert row_layout([5, 9], max_seq_len=8) is None
 
 
@@ -310,6 +302,7 @@ def test_flex_attention_compiles_once_for_varying_lengths():
     from torchtune.models.llama3_2 import llama3_2
 
     from prefopt.attention import FLEX_COMPILES, flex_compile_count, use_packed_attention
+    from prefopt.packing import MIN_FLEX_LEN
 
     torch.manual_seed(0)
     model = llama3_2(vocab_size=V, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, max_seq_len=2048,
@@ -320,7 +313,7 @@ def test_flex_attention_compiles_once_for_varying_lengths():
     items = _ultrafeedback_like_items(60)
     shapes = set()
     for k in range(30):
-        batch = packed_collate_preference(items[2 * k : 2 * k + 2], one_row=True, max_seq_len=2048)
+        batch = packed_collate_preference(items[2 * k : 2 * k + 2], min_len=MIN_FLEX_LEN, max_seq_len=2048)
         shapes.add(tuple(batch["tokens"].shape))
         pair, kind = batch["doc_pair"], batch["doc_kind"]
         with torch.no_grad():

@@ -36,7 +36,7 @@ def _train(dtype, fp32_adapters, steps=20):
     start = {k: p.detach().float().clone() for k, p in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=LR, weight_decay=0.0)
     loss_fn = SimPOLoss(beta=2.0, gamma=0.5)
-    batch = packed_collate_preference(_items(torch.Generator().manual_seed(1)))
+    batch = packed_collate_preference(_items(torch.Generator().manual_seed(1)), max_seq_len=64)
     losses = []
     for _ in range(steps):
         out = preference_forward(model, batch, loss_fn, device=torch.device("cpu"))
