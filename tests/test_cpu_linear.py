@@ -152,3 +152,38 @@ def test_generation_packs_and_decodes_the_tokens_it_decodes_without():
     assert [g.tokens for g in packed] == [g.tokens for g in plain]
     assert len(calls) >= 12 * (2 * 7 + 1)  # every decode step's 15 products ran packed
     assert _patched(model) == []
+
+
+@torch.inference_mode()
+def test_copies_that_would_not_fit_are_not_made(monkeypatch, caplog):
+    """The packed copies take as much memory as the weights: over half of what is available, the
+    layers run unpacked (the same numbers as without the block) and a warning says why."""
+    import prefopt.cpu_linear as cl
+
+    model = _model(intermediate_dim=128)
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+    tokens = _tokens()
+    before = model(tokens)
+    monkeypatch.setattr(cl, "available_memory_bytes", lambda: 2 * weights)  # exactly half: packs
+    with packed_linears(model) as n:
+        assert n == 15
+    monkeypatch.setattr(cl, "available_memory_bytes", lambda: 2 * weights - 1)
+    with caplog.at_level("WARNING", logger="prefopt.cpu_linear"), packed_linears(model) as n:
+        assert n == 0 and _patched(model) == []
+        assert torch.equal(model(tokens), before)
+    assert "not packing 15 linear layers" in caplog.text and "available" in caplog.text
+    monkeypatch.setattr(cl, "available_memory_bytes", lambda: None)  # unknown: packs
+    with packed_linears(model) as n:
+        assert n == 15
+
+
+def test_available_memory_is_read_from_the_system():
+    from prefopt.cpu_linear import available_memory_bytes
+
+    got = available_memory_bytes()
+    meminfo = open("/proc/meminfo").read() if __import__("os").path.exists("/proc/meminfo") else ""
+    if "MemAvailable:" not in meminfo:
+        pytest.skip("no /proc/meminfo here")
+    kib = int(meminfo.split("MemAvailable:")[1].split()[0])
+    # at most the system's figure (a cgroup may lower it), and a real amount (over 64 MiB)
+    assert 64 * 2**20 < got <= kib * 1024 * 1.05
