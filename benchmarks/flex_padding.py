@@ -8,7 +8,8 @@ UltraFeedback-like data: benchmarks/make_pref_data.py's rows, tokenized by the t
 Prints, per micro-batch size, the share of the positions the decoder computes that are padding:
 now (one row of exactly the pairs' length, at least MIN_FLEX_LEN) and with the bucketed lengths
 used before (m·2^k, m in 4..7, multiples of 128; the ladder of issue 26). The collate itself is
-run (prefopt.collate.packed_collate_preference, min_len=MIN_FLEX_LEN), not a model of it.
+run (prefopt.collate.packed_collate_preference, min_len=MIN_FLEX_LEN), not a model of it; and
+the CPU's layout (no minimum length) beside it.
 """
 
 import argparse
@@ -41,11 +42,12 @@ def padding_shares(items, batch_size: int, max_seq_len: int, seed: int = 0) -> d
 
     order = np.random.default_rng(seed).permutation(len(items))
     n = len(order) // batch_size * batch_size
-    real = positions = bucket_positions = 0
+    real = positions = bucket_positions = cpu_positions = 0
     lengths = set()
     for k in range(0, n, batch_size):
-        batch = packed_collate_preference([items[i] for i in order[k : k + batch_size]], min_len=MIN_FLEX_LEN,
-                                          max_seq_len=max_seq_len)
+        micro = [items[i] for i in order[k : k + batch_size]]
+        batch = packed_collate_preference(micro, min_len=MIN_FLEX_LEN, max_seq_len=max_seq_len)
+        cpu_positions += packed_collate_preference(micro, max_seq_len=max_seq_len)["tokens"].numel()  # the CPU's
         rows, row_len = batch["tokens"].shape
         used = int(batch.get("packed_tokens", batch["num_tokens"]))
         real += used
@@ -53,7 +55,8 @@ def padding_shares(items, batch_size: int, max_seq_len: int, seed: int = 0) -> d
         bucket_positions += rows * bucketed(row_len) if rows == 1 else rows * max_seq_len
         lengths.add(row_len)
     return {"batch_size": batch_size, "micro_batches": n // batch_size, "distinct_lengths": len(lengths),
-            "padding": 1 - real / positions, "padding_bucketed": 1 - real / bucket_positions}
+            "padding": 1 - real / positions, "padding_bucketed": 1 - real / bucket_positions,
+            "padding_cpu": 1 - real / cpu_positions}
 
 
 def main(argv=None) -> None:
@@ -78,7 +81,8 @@ def main(argv=None) -> None:
     out = [padding_shares(items, b, a.model_max_seq_len) for b in a.batch_sizes]
     for r in out:
         print(f"batch_size {r['batch_size']}: padding {r['padding']:.2%} of positions (bucketed: "
-              f"{r['padding_bucketed']:.2%}), {r['micro_batches']} micro-batches, {r['distinct_lengths']} lengths")
+              f"{r['padding_bucketed']:.2%}; the CPU's rows, no 256 minimum: {r['padding_cpu']:.2%}), "
+              f"{r['micro_batches']} micro-batches, {r['distinct_lengths']} lengths")
     print(json.dumps(out))
 
 

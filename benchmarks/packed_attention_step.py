@@ -5,7 +5,7 @@ CPU's default), alternating, 3 rounds after one warm-up each (a benchmark, not a
     python benchmarks/packed_attention_step.py P R B   # e.g. 300 350 4
 
 B pairs of random token ids, a prompt of ~P and responses of ~R tokens (each x U(0.6, 1.4)), laid
-out by the recipes' packed collate (max_seq_len 4096, embed_dim 768); LoRA r8 on q_proj/v_proj.
+out by the recipes' packed collate (max_seq_len 4096: one row since 2026-12-04, two before); LoRA r8 on q_proj/v_proj.
 The dense path is the step with prefopt.step's structure reader swapped for the dense mask.
 Prints the rows, each step's seconds and the median ratio."""
 import random
@@ -37,7 +37,7 @@ for i in range(B):
     r = [rng.randrange(3, 32000) for _ in range(int(R * rng.uniform(0.6, 1.4)))]
     items.append({"chosen_input_ids": p + c, "chosen_labels": [-100] * len(p) + c,
                   "rejected_input_ids": p + r, "rejected_labels": [-100] * len(p) + r, "row": i})
-batch = packed_collate_preference(items, max_seq_len=4096, embed_dim=768)
+batch = packed_collate_preference(items, max_seq_len=4096)
 print("rows x len", tuple(batch["tokens"].shape), "tokens", sum(len(x["chosen_input_ids"]) + len(x["rejected_input_ids"]) for x in items))
 orig_rows = st.shared_prefix_rows
 def step(mode):

@@ -66,6 +66,25 @@ def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[in
     return rows
 
 
+def _least_padded_layout(lengths: Sequence[int], limit: float, min_len: int):
+    """(rows of pair indices, row length) with the fewest positions, rows x max(L, min_len), then
+    the fewest rows, over capacities from the longest pair to the whole batch (first-fit-decreasing
+    at each; the whole batch in one unpadded row whenever it fits ``limit``)."""
+    longest, total = max(lengths), sum(lengths)
+    caps = {min(int(longest * (1 + k / 4)), total) for k in range(0, 4 * len(lengths) + 1)} | {total}
+    caps = sorted(caps | ({int(limit)} if limit < total else set()))
+    best = None
+    for cap in caps:
+        if cap > limit:
+            break
+        rows = _first_fit_decreasing(lengths, cap)
+        length = max(sum(lengths[i] for i in r) for r in rows)
+        cost = (len(rows) * max(length, min_len), len(rows))
+        if best is None or cost < best[0]:
+            best = (cost, rows, length)
+    return best[1], best[2]
+
+
 def row_layout(
     lengths: Sequence[int],
     *,
@@ -76,13 +95,13 @@ def row_layout(
 ) -> Optional[Tuple[List[List[int]], int]]:
     """Which pairs share which row, and the row length (pure).
 
-    By default every pair goes into ONE row of exactly their total length: the attention of the
+    By default the layout with the fewest positions, padding included: the attention of the
     packed layout costs the same whatever the rows (a FlexAttention ``BlockMask`` on CUDA skips the
     masked blocks; on the CPU one SDPA call per prompt and response, padding in none), so the
-    cheapest layout is the one with the least padding, which only the linear layers pay. When
-    the pairs do not fit ``max_seq_len`` together, rows are filled first-fit-decreasing up to it
-    (FlexAttention sees them as one row end to end). ``row_len`` fills rows first-fit-decreasing
-    up to that capacity instead.
+    padding, which the linear layers pay, is the only cost to weigh. That is ONE row of exactly
+    the pairs' total length when it fits ``max_seq_len``; otherwise the capacity up to it whose
+    first-fit-decreasing rows pad least (FlexAttention sees them as one row end to end).
+    ``row_len`` fills rows first-fit-decreasing up to that capacity instead.
 
     Args:
         lengths: [b] each pair's packed length (shared prefix + both suffixes).
@@ -98,9 +117,12 @@ def row_layout(
     limit = max_seq_len or float("inf")
     if max(lengths) > limit:
         return None
-    cap = sum(lengths) if row_len is None else max(max(lengths), row_len)
-    layout = _first_fit_decreasing(lengths, int(min(cap, limit)))
-    seq_len = max(min_len, max(sum(lengths[i] for i in row) for row in layout))
+    if row_len is None:
+        layout, seq_len = _least_padded_layout(lengths, limit, min_len)
+    else:
+        layout = _first_fit_decreasing(lengths, int(min(max(max(lengths), row_len), limit)))
+        seq_len = max(sum(lengths[i] for i in row) for row in layout)
+    seq_len = max(min_len, seq_len)
     seq_len += -seq_len % pad_to_multiple_of
     if seq_len > limit:  # the raising and rounding must not pass the model's limit
         seq_len = int(limit)

@@ -251,8 +251,8 @@ def test_one_row_unpadded_and_still_exact():
 
 def test_row_layout_by_hand():
     """Which pairs share a row, worked by hand: first-fit-decreasing at row_len, else one unpadded
-    row (first-fit-decreasing at the model's length when that does not fit; at least min_len),
-    None past the limit."""
+    row (when that does not fit the model's length: the rows with the fewest positions; at least
+    min_len), None past the limit."""
     from prefopt.packing import row_layout
 
     assert row_layout([5, 3, 2], row_len=6) == ([[0], [1, 2]], 5)
@@ -263,8 +263,12 @@ def test_row_layout_by_hand():
     assert row_layout([5, 3, 2], min_len=256, max_seq_len=100) == ([[0, 1, 2]], 100)  # raised, capped
     assert row_layout([500, 300, 101]) == ([[0, 1, 2]], 901)
     assert row_layout([500, 300, 101], pad_to_multiple_of=8) == ([[0, 1, 2]], 904)
-    assert row_layout([300, 200, 100], max_seq_len=400) == ([[0, 2], [1]], 400)
-    assert row_layout([300, 200, 50], max_seq_len=400) == ([[0, 2], [1]], 350)
+    # not fitting together: the capacity whose rows pad least (first-fit-decreasing at the model's
+    # 400 would give [[0, 2], [1]] of 400 or 350: 800 or 700 positions; these are 600)
+    assert row_layout([300, 200, 100], max_seq_len=400) == ([[0], [1, 2]], 300)
+    assert row_layout([300, 200, 50], max_seq_len=400) == ([[0], [1, 2]], 300)
+    assert row_layout([300, 200, 100, 100], max_seq_len=400) == ([[0, 2], [1, 3]], 400)  # 800, none less
+    assert row_layout([300, 200, 100, 100], max_seq_len=400, min_len=256) == ([[0, 2], [1, 3]], 400)
     assert row_layout([5, 9], max_seq_len=8) is None
 
 
