@@ -17,8 +17,8 @@
 #    pair uses): warmed-up start vs SimPO model, greedy and sampled; the table is printed and
 #    written to OUTPUT_DIR/judge/judge.txt.
 #
-# Measured (2 shared CPU cores, 141-198 s): 1,048 pairs; on the held-out prompts greedy mean reward
-# 1.215 -> 1.475, topic fit 7 -> 16 of 32 answers, length 23.8 -> 23.4 tokens, nothing
+# Measured (2 shared CPU cores, 132-138 s): 1,048 pairs; on the held-out prompts greedy mean reward
+# 1.215 -> 1.496, topic fit 7 -> 16 of 32 answers, length 23.8 -> 23.8 tokens, nothing
 # degenerate (README: the figures and caveats).
 #
 # Every step is a `tune run` of a recipe and a config a user can copy; extra `key=value` settings
