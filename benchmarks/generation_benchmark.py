@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RM_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch's names (torch is imported in the parts only)
 PARTS = ("ours_generate", "hf_generate", "ours_score_batched", "ours_score_flex", "hf_score_one_at_a_time")
 
 
@@ -155,7 +156,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
             # (the default on CUDA); ours_score_batched: per-part SDPA calls (the CPU's default)
             "flex_attention": part == "ours_score_flex",
         })
-        rm = build_reward(block)
+        rm = build_reward(block, dtype=getattr(torch, RM_DTYPES[args.rm_dtype]))
         t0 = time.perf_counter()
         rm.score_ids(seqs[: args.rm_batch], groups=keys[: args.rm_batch])  # warm-up (FlexAttention's one compile)
         first = time.perf_counter() - t0
@@ -165,11 +166,11 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
     else:
         from transformers import LlamaForSequenceClassification
 
-        model = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32).eval()
+        model = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=getattr(torch, RM_DTYPES[args.rm_dtype])).eval()
         with torch.no_grad():
             model(torch.tensor([seqs[0]]))  # warm-up
             t0 = time.perf_counter()
-            scores = [model(torch.tensor([s])).logits[0, 0].item() for s in seqs]
+            scores = [model(torch.tensor([s])).logits[0, 0].float().item() for s in seqs]
     sec = time.perf_counter() - t0
     tokens = sum(map(len, seqs))
     return {"part": part, "sequences": len(seqs), "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec,
@@ -212,6 +213,8 @@ def main() -> None:
     p.add_argument("--rm-prompt-max", type=int, default=120)
     p.add_argument("--rm-response-min", type=int, default=48)
     p.add_argument("--rm-response-max", type=int, default=240)
+    p.add_argument("--rm-dtype", choices=sorted(RM_DTYPES), default="fp32",
+                   help="the reward model's dtype on both sides (princeton scores in bf16)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-onednn", dest="onednn", action="store_false",
                    help="ours without prefopt.cpu_linear's packed oneDNN linear layers (aten's F.linear, as transformers)")
@@ -275,7 +278,7 @@ def main() -> None:
               f"{f['tokens_per_second'] / hs['tokens_per_second']:.2f}x with FlexAttention (its warm-up batch, with the "
               f"one compile: {f['warmup_seconds']:.1f} s; the per-part one's {s['warmup_seconds']:.1f} s) "
               f"({args.rm_prompts} prompts of {args.rm_prompt_min}-{args.rm_prompt_max} tokens x k={args.k} responses of "
-              f"{args.rm_response_min}-{args.rm_response_max} tokens; first scores differ by {diff:.1e})")
+              f"{args.rm_response_min}-{args.rm_response_max} tokens, {args.rm_dtype}; first scores differ by {diff:.1e})")
 
 
 if __name__ == "__main__":
