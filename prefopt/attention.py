@@ -16,27 +16,16 @@ every torchtune ``MultiHeadAttention`` of a model our own attention call instead
 - a :class:`SharedPrefixRows` (off CUDA: the training step's packed pairs, a reward model's
   rows of one prompt and its k responses) goes to :func:`shared_prefix_attention`: one SDPA call
   for each shared prefix and one for each part (chosen, rejected; a response) against the
-  prefix's keys and its own. It computes only the query/key pairs a part may attend (about what
-  one sequence at a time computes), where a dense ``[L, L]`` mask makes SDPA compute all ``L^2``
-  of the row. On the CPU, 134M shape: a scoring row of 1,900 positions, 0.32 s of attention a
-  forward, FlexAttention 0.77 s, the dense mask 1.45 s, and no compile
-  (``benchmarks/results/generation.md``); a training row of 3 pairs (3,000 positions), one
-  layer's forward + backward 206 ms, the dense mask 852 ms;
+  prefix's keys and its own. It computes only the query/key pairs a part may attend, where a
+  dense ``[L, L]`` mask makes SDPA compute all ``L^2`` of the row, and needs no compile (the
+  CPU has no FlexAttention backward in torch 2.13, and its compiled forward was slower there);
 - any other mask (the padded layout, a dense bool mask) goes to torchtune's own SDPA call,
   unchanged.
 
-Why this and not the alternatives (measured on the CPU, where FlexAttention's forward compiles in
-torch 2.13; ``tests/test_packing.py::test_flex_attention_compiles_once_for_varying_lengths``):
-
-- compiled with ``dynamic=True``, one compile served 30 micro-batches of UltraFeedback-like
-  lengths (30 distinct shapes, rows of 1,131-2,045 positions, any length, not only multiples of
-  128; one or two rows), with outputs equal to the dense-mask path to 1e-5; a fixed-shape compile
-  (torchtune's) compiles once per distinct length: 832 of them in 1,000 micro-batches of 4 pairs;
-- a fixed token budget per row (one static shape) pads every micro-batch to the longest one a run
-  can have (4 pairs of up to 2 x 2,048 tokens: 16k positions for batch_size 4), about 75 % of
-  the positions on UltraFeedback-like data (a pair's median is ~1,030 tokens);
-- per-segment SDPA calls (no compile) cost one kernel launch per pair and part per layer, and a
-  rejected response attends to two separate key ranges (the shared prefix, then itself).
+Why one dynamic compile and not a fixed-shape compile per length (torchtune's: one per distinct
+length, hundreds in a run) or a fixed token budget per row (one static shape, but every
+micro-batch padded to the longest one a run can have): see ``docs/packing.md``; the measured
+figures are in ``benchmarks/results/packing.md`` and ``benchmarks/results/generation.md``.
 
 What the compiled call sees is always one row (``B = 1``): :func:`prefopt.packing.packed_attention_mask`
 builds the ``BlockMask`` over the ``R x L`` positions of the micro-batch laid end to end (rows

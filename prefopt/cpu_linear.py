@@ -3,9 +3,8 @@ or scores on CPU.
 
 On CPU, ``F.linear`` hands the dense weight to MKL's GEMM on every call. oneDNN with the weight
 reordered once into its own blocked layout (what inductor's freezing pass does for a compiled
-model on CPU) computes the same product (fp32: to float rounding) 1.3-3.7x faster at the row
-counts of decoding and scoring on the CPU we measured (``benchmarks/results/generation.md``, "Why
-oneDNN"). Nothing here is used in training: the packed copies do not follow a weight that
+model on CPU) computes the same product (fp32: to float rounding) faster at the row counts of
+decoding and scoring (``benchmarks/results/generation.md``, "Why oneDNN", has the figures). Nothing here is used in training: the packed copies do not follow a weight that
 changes, and the op has no backward. The copies double the weights' memory while a block
 lasts, so a model whose copies would not fit beside what it still needs is left unpacked (logged).
 """
