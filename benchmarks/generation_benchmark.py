@@ -138,6 +138,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
         return {"part": part, "tokens": tokens, "seconds": sec, "tokens_per_second": tokens / sec, "peak_rss_mib": _peak_mib()}
 
     seqs, keys = _sequences(args)
+    rm_dtype = getattr(torch, RM_DTYPES[args.rm_dtype])  # both sides
     first = None
     if part in ("ours_score_batched", "ours_score_flex"):
         from omegaconf import OmegaConf
@@ -156,7 +157,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
             # (the default on CUDA); ours_score_batched: per-part SDPA calls (the CPU's default)
             "flex_attention": part == "ours_score_flex",
         })
-        rm = build_reward(block, dtype=getattr(torch, RM_DTYPES[args.rm_dtype]))
+        rm = build_reward(block, dtype=rm_dtype)
         t0 = time.perf_counter()
         rm.score_ids(seqs[: args.rm_batch], groups=keys[: args.rm_batch])  # warm-up (FlexAttention's one compile)
         first = time.perf_counter() - t0
@@ -166,7 +167,7 @@ def run_part(part: str, args, model_dir: Path, rm_dir: Path) -> dict:
     else:
         from transformers import LlamaForSequenceClassification
 
-        model = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=getattr(torch, RM_DTYPES[args.rm_dtype])).eval()
+        model = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=rm_dtype).eval()
         with torch.no_grad():
             model(torch.tensor([seqs[0]]))  # warm-up
             t0 = time.perf_counter()

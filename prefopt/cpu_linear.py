@@ -4,9 +4,10 @@ or scores on CPU.
 On CPU, ``F.linear`` hands the dense weight to MKL's GEMM on every call. oneDNN with the weight
 reordered once into its own blocked layout (what inductor's freezing pass does for a compiled
 model on CPU) computes the same product (fp32: to float rounding) faster at the row counts of
-decoding and scoring (``benchmarks/results/generation.md``, "Why oneDNN", has the figures). Nothing here is used in training: the packed copies do not follow a weight that
-changes, and the op has no backward. The copies double the weights' memory while a block
-lasts, so a model whose copies would not fit beside what it still needs is left unpacked (logged).
+decoding and scoring (``benchmarks/results/generation.md``, "Why oneDNN", has the figures).
+Nothing here is used in training: the packed copies do not follow a weight that changes, and the
+op has no backward. The copies double the weights' memory while a block lasts, so a model whose
+copies would not fit beside what it still needs is left unpacked (logged).
 """
 
 import logging
@@ -96,9 +97,9 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     whose input or weight requires a gradient computes the layer's own ``F.linear`` instead (the
     packed op has no backward). The packed copies hold as much memory as the weights they copy,
     until the block ends: when that is over half the memory available at entry
-    (:func:`available_memory_bytes`), nothing is packed and a warning says so. Blocks nest: a layer an enclosing block packed is left to it (so a
-    recipe can pack once around its loop and a library function inside still packs a model given
-    to it alone).
+    (:func:`available_memory_bytes`), nothing is packed and a warning says so. Blocks nest: a
+    layer an enclosing block packed is left to it (so a recipe can pack once around its loop and a
+    library function inside still packs a model given to it alone).
 
     Args:
         model (nn.Module): any module; layers elsewhere (another device, another dtype) are left.

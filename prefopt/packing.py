@@ -68,11 +68,14 @@ def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[in
 
 def _least_padded_layout(lengths: Sequence[int], limit: float, min_len: int):
     """(rows of pair indices, row length) with the fewest positions, rows x max(L, min_len), then
-    the fewest rows, over capacities from the longest pair to the whole batch (first-fit-decreasing
-    at each; the whole batch in one unpadded row whenever it fits ``limit``)."""
+    the fewest rows: the whole batch in one unpadded row whenever it fits ``limit`` (no layout has
+    fewer), else the best of the capacities from the longest pair up to ``limit``
+    (first-fit-decreasing at each)."""
     longest, total = max(lengths), sum(lengths)
-    caps = {min(int(longest * (1 + k / 4)), total) for k in range(0, 4 * len(lengths) + 1)} | {total}
-    caps = sorted(caps | ({int(limit)} if limit < total else set()))
+    if total <= limit:
+        return _first_fit_decreasing(lengths, total), total
+    caps = {min(int(longest * (1 + k / 4)), total) for k in range(0, 4 * len(lengths) + 1)} | {int(limit)}
+    caps = sorted(caps)
     best = None
     for cap in caps:
         if cap > limit:

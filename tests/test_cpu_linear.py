@@ -2,6 +2,8 @@
 layer's own (to float rounding), that it is really the packed copy that runs, and that
 everything is as before once the block ends."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -181,7 +183,7 @@ def test_available_memory_is_read_from_the_system():
     from prefopt.cpu_linear import available_memory_bytes
 
     got = available_memory_bytes()
-    meminfo = open("/proc/meminfo").read() if __import__("os").path.exists("/proc/meminfo") else ""
+    meminfo = open("/proc/meminfo").read() if os.path.exists("/proc/meminfo") else ""
     if "MemAvailable:" not in meminfo:
         pytest.skip("no /proc/meminfo here")
     kib = int(meminfo.split("MemAvailable:")[1].split()[0])
